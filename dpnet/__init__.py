@@ -1,0 +1,3 @@
+"""dpnet: modular NumPy neural networks, pluggy plugins and MPI data-parallel training."""
+
+__version__ = "0.1.0"
