@@ -1,0 +1,288 @@
+"""Layers as pairs of pure functions.
+
+Every ``X_forward(inputs, params...)`` returns ``(out, cache)`` and every ``X_backward(dout, cache)`` returns the
+gradients with respect to the forward's array inputs, in the same order. Loss layers return ``(loss, dx)`` directly.
+Nothing here knows about models, solvers, plugins or MPI.
+"""
+
+import numpy as np
+
+_MODES = ("train", "test")
+
+
+def _check_mode(param, name):
+    mode = param.get("mode", "train")
+    if mode not in _MODES:
+        raise ValueError(f"invalid {name}['mode'] {mode!r}: expected 'train' or 'test'")
+    return mode
+
+
+def affine_forward(x, w, b):
+    """Fully-connected layer: out = x.reshape(N, D) @ w + b.
+
+    Inputs:
+    - x: (N, d_1, ..., d_k) with D = d_1 * ... * d_k
+    - w: (D, M)
+    - b: (M,)
+
+    Returns (out, cache): out is (N, M); cache is (x, w).
+    """
+    x2d = x.reshape(x.shape[0], -1)
+    if x2d.shape[1] != w.shape[0]:
+        raise ValueError(f"affine_forward: x has {x2d.shape[1]} features per sample but w has shape {w.shape}")
+    out = x2d @ w
+    out += b
+    return out, (x, w)
+
+
+def affine_backward(dout, cache):
+    """Backward pass of the affine layer.
+
+    Inputs:
+    - dout: (N, M) upstream gradient
+    - cache: (x, w) from affine_forward
+
+    Returns (dx, dw, db) of shapes x.shape, (D, M), (M,).
+    """
+    x, w = cache
+    x2d = x.reshape(x.shape[0], -1)
+    dx = (dout @ w.T).reshape(x.shape)
+    dw = x2d.T @ dout
+    db = dout.sum(axis=0)
+    return dx, dw, db
+
+
+def relu_forward(x):
+    """Rectified linear unit, elementwise max(0, x). Returns (out, cache) with out of x's shape; cache is x."""
+    return np.maximum(x, 0), x
+
+
+def relu_backward(dout, cache):
+    """Backward pass of ReLU: dout where the input was positive, else 0. Returns dx of x's shape."""
+    x = cache
+    return np.where(x > 0, dout, 0)
+
+
+def _global_sum(local_sum, n_local, count, reducer):
+    """Sum per-feature partial sums over all processes, in this process's gradient scale.
+
+    Each process's upstream gradient is of its *local mean* loss, so per sample it is count / n_local times the
+    gradient of the global mean loss. Partial sums are scaled into the global scale, summed over processes, and
+    scaled back.
+    """
+    if reducer is None:
+        return local_sum
+    return reducer(local_sum * (n_local / count)) * (count / n_local)
+
+
+def batchnorm_forward(x, gamma, beta, bn_param):
+    """Batch normalization over the batch axis.
+
+    Training mode normalizes with the minibatch mean and (biased) variance and updates the running averages
+    ``running = momentum * running + (1 - momentum) * batch_stat``; test mode normalizes with the running averages.
+
+    Inputs:
+    - x: (N, D)
+    - gamma, beta: (D,) scale and shift
+    - bn_param: dict with 'mode' ('train' or 'test'), optional 'eps' (1e-5), 'momentum' (0.9), 'running_mean' and
+      'running_var' of shape (D,) (created as zeros and ones when missing, and updated in place in the dict), and
+      optional 'reducer': a callable returning the sum of an array over all processes. With a reducer the batch
+      statistics are those of the global batch (synchronized batchnorm).
+
+    Returns (out, cache): out is (N, D).
+    """
+    mode = _check_mode(bn_param, "bn_param")
+    eps = bn_param.get("eps", 1e-5)
+    momentum = bn_param.get("momentum", 0.9)
+    n_local, D = x.shape
+    running_mean = bn_param.get("running_mean")
+    if running_mean is None:
+        running_mean = np.zeros(D, dtype=x.dtype)
+    running_var = bn_param.get("running_var")
+    if running_var is None:
+        running_var = np.ones(D, dtype=x.dtype)
+
+    if mode == "test":
+        std = np.sqrt(running_var + eps)
+        out = (x - running_mean) / std * gamma + beta
+        bn_param["running_mean"], bn_param["running_var"] = running_mean, running_var
+        return out, None
+
+    reducer = bn_param.get("reducer")
+    if reducer is None:
+        count = n_local
+        mean = x.mean(axis=0)
+        xc = x - mean
+        var = np.einsum("ij,ij->j", xc, xc) / count
+    else:
+        stats = reducer(np.concatenate(([n_local], x.sum(axis=0))).astype(x.dtype))
+        count = stats[0]
+        mean = stats[1:] / count
+        xc = x - mean
+        var = reducer(np.einsum("ij,ij->j", xc, xc)) / count
+    std = np.sqrt(var + eps)
+    xhat = xc / std
+    out = xhat * gamma + beta
+
+    bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean
+    bn_param["running_var"] = momentum * running_var + (1 - momentum) * var
+    cache = (xhat, gamma, std, n_local, count, reducer)
+    return out, cache
+
+
+def batchnorm_backward(dout, cache):
+    """Backward pass of batch normalization, node by node through the computational graph.
+
+    Graph: mean = sum(x)/N; xc = x - mean; var = sum(xc**2)/N; std = sqrt(var + eps); xhat = xc/std;
+    out = gamma*xhat + beta. Sums over the batch are global when the forward pass had a reducer.
+
+    Inputs: dout (N, D), cache from batchnorm_forward (training mode).
+    Returns (dx, dgamma, dbeta): (N, D), (D,), (D,); dgamma and dbeta are this process's partial sums.
+    """
+    xhat, gamma, std, n_local, count, reducer = cache
+    xc = xhat * std
+    dbeta = dout.sum(axis=0)
+    dgamma = np.einsum("ij,ij->j", dout, xhat)
+    dxhat = dout * gamma
+    dxc = dxhat / std  # through xhat = xc / std
+    dstd = -_global_sum(np.einsum("ij,ij->j", dxhat, xc), n_local, count, reducer) / std**2
+    dvar = 0.5 * dstd / std  # through std = sqrt(var + eps)
+    dxc += 2 * xc * (dvar / count)  # through var = sum(xc**2) / N
+    dmean = -_global_sum(dxc.sum(axis=0), n_local, count, reducer)  # through xc = x - mean
+    dx = dxc + dmean / count  # through mean = sum(x) / N
+    return dx, dgamma, dbeta
+
+
+def batchnorm_backward_alt(dout, cache):
+    """Backward pass of batch normalization in closed form (same cache, same results as batchnorm_backward).
+
+    dx = gamma / std * (dout - mean(dout) - xhat * mean(dout * xhat)), with means over the (global) batch; the two
+    means are the bias and scale gradients divided by N, so they cost no extra pass (and one reduction, not two).
+
+    Returns (dx, dgamma, dbeta): (N, D), (D,), (D,).
+    """
+    xhat, gamma, std, n_local, count, reducer = cache
+    dbeta = dout.sum(axis=0)
+    dgamma = np.einsum("ij,ij->j", dout, xhat)
+    if reducer is None:
+        sum_dbeta, sum_dgamma = dbeta, dgamma
+    else:
+        sums = _global_sum(np.concatenate((dbeta, dgamma)), n_local, count, reducer)
+        sum_dbeta, sum_dgamma = sums[: dbeta.size], sums[dbeta.size :]
+    dx = (gamma / std) * (dout - sum_dbeta / count - xhat * (sum_dgamma / count))
+    return dx, dgamma, dbeta
+
+
+def layernorm_forward(x, gamma, beta, ln_param):
+    """Layer normalization: each sample normalized over its own features; identical in train and test mode.
+
+    Inputs:
+    - x: (N, D)
+    - gamma, beta: (D,)
+    - ln_param: dict with optional 'eps' (1e-5) and 'mode' (accepted for symmetry with batchnorm)
+
+    Returns (out, cache): out is (N, D).
+    """
+    _check_mode(ln_param, "ln_param")
+    eps = ln_param.get("eps", 1e-5)
+    mean = x.mean(axis=1, keepdims=True)
+    xc = x - mean
+    std = np.sqrt(np.einsum("ij,ij->i", xc, xc)[:, None] / x.shape[1] + eps)
+    xhat = xc / std
+    return xhat * gamma + beta, (xhat, gamma, std)
+
+
+def layernorm_backward(dout, cache):
+    """Backward pass of layer normalization. Inputs dout (N, D) and the cache; returns (dx, dgamma, dbeta)."""
+    xhat, gamma, std = cache
+    D = xhat.shape[1]
+    dbeta = dout.sum(axis=0)
+    dgamma = np.einsum("ij,ij->j", dout, xhat)
+    dxhat = dout * gamma
+    mean_dxhat = dxhat.sum(axis=1, keepdims=True) / D
+    mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xhat)[:, None] / D
+    dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) / std
+    return dx, dgamma, dbeta
+
+
+def dropout_forward(x, dropout_param):
+    """Inverted dropout: keep each unit with probability p and scale the kept ones by 1/p.
+
+    Inputs:
+    - x: any shape
+    - dropout_param: dict with 'p' (probability of KEEPING a unit, 0 < p <= 1), 'mode' ('train' or 'test'), and
+      optional 'seed' (the same seed gives the same mask, for gradient checks) or 'rng' (a numpy Generator the mask
+      is drawn from, for reproducible training); without either, NumPy's global RNG
+
+    Returns (out, cache): out has x's shape; in test mode out is x itself.
+    """
+    p = dropout_param["p"]
+    if not 0 < p <= 1:
+        raise ValueError(f"dropout_param['p'] is the keep probability and must be in (0, 1], got {p!r}")
+    mode = _check_mode(dropout_param, "dropout_param")
+    if mode == "test":
+        return x, (dropout_param, None)
+    seed = dropout_param.get("seed")
+    if seed is not None:
+        uniform = np.random.default_rng(seed).random(x.shape)
+    elif dropout_param.get("rng") is not None:
+        uniform = dropout_param["rng"].random(x.shape)
+    else:
+        uniform = np.random.random_sample(x.shape)
+    mask = (uniform < p).astype(x.dtype) / x.dtype.type(p)
+    return x * mask, (dropout_param, mask)
+
+
+def dropout_backward(dout, cache):
+    """Backward pass of inverted dropout. Returns dx of dout's shape."""
+    dropout_param, mask = cache
+    if mask is None:
+        return dout
+    return dout * mask
+
+
+def _check_labels(x, y, name):
+    y = np.asarray(y)
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"{name}: y has shape {y.shape}, expected ({x.shape[0]},) to match the scores {x.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name}: y must hold integer class labels, got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= x.shape[1]):
+        raise ValueError(f"{name}: labels must be in [0, {x.shape[1]}), got range [{y.min()}, {y.max()}]")
+    return y
+
+
+def softmax_loss(x, y):
+    """Softmax (cross-entropy) loss, averaged over the batch; stable for large scores.
+
+    Inputs: x (N, C) scores; y (N,) integer labels with 0 <= y[i] < C.
+    Returns (loss, dx): a scalar and the gradient (N, C).
+    """
+    y = _check_labels(x, y, "softmax_loss")
+    N = x.shape[0]
+    shifted = x - x.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    rows = np.arange(N)
+    loss = -log_probs[rows, y].mean()
+    dx = np.exp(log_probs)
+    dx[rows, y] -= 1
+    dx /= N
+    return loss, dx
+
+
+def svm_loss(x, y):
+    """Multiclass SVM (hinge) loss with margin 1, averaged over the batch.
+
+    Inputs: x (N, C) scores; y (N,) integer labels with 0 <= y[i] < C.
+    Returns (loss, dx): a scalar and the gradient (N, C).
+    """
+    y = _check_labels(x, y, "svm_loss")
+    N = x.shape[0]
+    rows = np.arange(N)
+    margins = np.maximum(0, x - x[rows, y][:, None] + 1)
+    margins[rows, y] = 0
+    loss = margins.sum() / N
+    dx = (margins > 0).astype(x.dtype)
+    dx[rows, y] -= dx.sum(axis=1)
+    dx /= N
+    return loss, dx
