@@ -1,8 +1,15 @@
-"""Numerical gradients by centred differences, for checking analytic backward passes (use float64)."""
+"""Numerical gradients by centred differences, for checking analytic backward passes (use float64).
+
+`order=2` is the seed's centred difference (f(x+h) - f(x-h)) / 2h, with error O(h^2). `order=4` uses the five-point
+stencil (-f(x+2h) + 8f(x+h) - 8f(x-h) + f(x-2h)) / 12h, with error O(h^4): twice the evaluations, but accurate enough
+to check gradients to 1e-10 where the second-order difference stalls around 1e-8 on small gradient entries.
+"""
 
 from random import randrange
 
 import numpy as np
+
+_STENCILS = {2: ((1, 0.5), (-1, -0.5)), 4: ((2, -1 / 12), (1, 8 / 12), (-1, -8 / 12), (-2, 1 / 12))}
 
 
 def rel_error(x, y):
@@ -11,51 +18,49 @@ def rel_error(x, y):
     return np.max(np.abs(x - y) / np.maximum(1e-8, np.abs(x) + np.abs(y)))
 
 
-def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
+def _derivative(evaluate, x, ix, h, order):
+    """d evaluate() / d x[ix] by a centred stencil; x[ix] is restored afterwards."""
+    if order not in _STENCILS:
+        raise ValueError(f"order must be 2 or 4, got {order!r}")
+    old = x[ix]
+    total = 0.0
+    try:
+        for steps, coefficient in _STENCILS[order]:
+            x[ix] = old + steps * h
+            total = total + coefficient * evaluate()
+    finally:
+        x[ix] = old
+    return total / h
+
+
+def eval_numerical_gradient(f, x, verbose=True, h=1e-5, order=2):
     """Numerical gradient of a scalar function f at x, one centred difference per element.
 
     Inputs:
-    - f: callable taking x (any value; x is perturbed in place, so f may ignore its argument and read x directly)
+    - f: callable taking x (x is perturbed in place, so f may ignore its argument and read x directly)
     - x: ndarray, the point; restored before returning
-    - h: step
+    - h: step; order: 2 or 4 (see the module docstring)
 
     Returns grad of x's shape.
     """
     grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
-    while not it.finished:
-        ix = it.multi_index
-        old = x[ix]
-        x[ix] = old + h
-        fxph = f(x)
-        x[ix] = old - h
-        fxmh = f(x)
-        x[ix] = old
-        grad[ix] = (fxph - fxmh) / (2 * h)
+    for ix in np.ndindex(x.shape):
+        grad[ix] = _derivative(lambda: f(x), x, ix, h, order)
         if verbose:
             print(ix, grad[ix])
-        it.iternext()
     return grad
 
 
-def eval_numerical_gradient_array(f, x, df, h=1e-5):
+def eval_numerical_gradient_array(f, x, df, h=1e-5, order=2):
     """Numerical gradient of sum(f(x) * df) for an array-valued f: the backward pass with upstream gradient df.
 
-    Inputs: f callable on x returning an array of df's shape; x ndarray (restored before returning); df upstream.
+    Inputs: f callable on x returning an array of df's shape; x ndarray (restored before returning); df upstream;
+    h step; order 2 or 4.
     Returns grad of x's shape.
     """
     grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
-    while not it.finished:
-        ix = it.multi_index
-        old = x[ix]
-        x[ix] = old + h
-        pos = f(x).copy()
-        x[ix] = old - h
-        neg = f(x).copy()
-        x[ix] = old
-        grad[ix] = np.sum((pos - neg) * df) / (2 * h)
-        it.iternext()
+    for ix in np.ndindex(x.shape):
+        grad[ix] = _derivative(lambda: np.sum(f(x) * df), x, ix, h, order)
     return grad
 
 
@@ -67,13 +72,7 @@ def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5, verbose=True):
     errors = []
     for _ in range(num_checks):
         ix = tuple(randrange(n) for n in x.shape)
-        old = x[ix]
-        x[ix] = old + h
-        fxph = f(x)
-        x[ix] = old - h
-        fxmh = f(x)
-        x[ix] = old
-        numeric = (fxph - fxmh) / (2 * h)
+        numeric = _derivative(lambda: f(x), x, ix, h, 2)
         analytic = analytic_grad[ix]
         error = abs(numeric - analytic) / max(1e-12, abs(numeric) + abs(analytic))
         errors.append(error)
