@@ -1,0 +1,345 @@
+"""Communicators: how processes of a data-parallel job talk to each other.
+
+A communicator has `rank`, `size`, `is_root`, `allreduce(buf, op="sum")` and `bcast(buf, root=0)` (both in place on a
+contiguous NumPy array, returning it), `barrier()`, `abort(code=1)` and `local_size()` (processes on this machine).
+`SerialCommunicator` is the single process (size 1, never imports mpi4py); `MPICommunicator` wraps mpi4py's buffer
+calls (`Allreduce(MPI.IN_PLACE, ...)`, `Bcast`), so no object is ever pickled. `get_communicator()` picks the MPI world
+when an MPI launcher started more than one process, else the serial one.
+
+An MPI job must not hang when one rank fails: creating an `MPICommunicator` of size > 1 installs
+`install_abort_handler`, which turns an unhandled exception, SIGINT or SIGTERM on any rank into one message on stderr
+and `MPI_Abort` of the whole job (as `python -m mpi4py` does, without the user having to remember it).
+
+Environment variables:
+- DPNET_BLAS_THREADS=N: BLAS threads per process for `set_blas_threads` (else OPENBLAS_NUM_THREADS, OMP_NUM_THREADS,
+  else cores / processes on this machine).
+- DPNET_FAULT_INJECT="rank=R,step=S" (testing only): `fault_injection_point(comm, S)` raises RuntimeError on rank R.
+  Both keys are required integers; spaces are allowed around them.
+"""
+
+import collections
+import functools
+import hashlib
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+
+import numpy as np
+
+OPS = ("sum", "max", "min")
+
+# Launcher variables giving the number of processes started: MPICH/Hydra (verified with the mpich wheel's mpiexec, which
+# sets PMI_SIZE, PMI_RANK, MPI_LOCALNRANKS, MPI_LOCALRANKID) and Slurm's PMI-2 plugin; Open MPI; srun.
+_WORLD_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+_THREAD_VARS = ("DPNET_BLAS_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+FAULT_ENV = "DPNET_FAULT_INJECT"
+
+
+def _check_buffer(buf, op="sum"):
+    if not isinstance(buf, np.ndarray):
+        raise TypeError(f"communicator buffers must be NumPy arrays, got {type(buf).__name__}")
+    if not (buf.flags.c_contiguous or buf.flags.f_contiguous):
+        raise ValueError(f"communicator buffers must be contiguous, got a strided array of shape {buf.shape}: "
+                         "reduce np.ascontiguousarray(buf) and copy the result back")
+    if not buf.flags.writeable:
+        raise ValueError("communicator buffers are updated in place, got a read-only array")
+    if buf.dtype.hasobject:
+        raise TypeError("communicator buffers must hold numbers, got an object array")
+    if op not in OPS:
+        raise ValueError(f"unknown reduction op {op!r}; expected one of {', '.join(OPS)}")
+
+
+class SerialCommunicator:
+    """The single process: size 1, every collective is a (checked) no-op."""
+
+    rank = 0
+    size = 1
+    is_root = True
+
+    def allreduce(self, buf, op="sum"):
+        _check_buffer(buf, op)
+        return buf
+
+    def bcast(self, buf, root=0):
+        _check_buffer(buf)
+        if root != 0:
+            raise ValueError(f"root must be 0 in a single process, got {root}")
+        return buf
+
+    def barrier(self):
+        pass
+
+    def local_size(self):
+        return 1
+
+    def abort(self, code=1):
+        """End the process now with exit code `code` (no cleanup; standard streams are flushed)."""
+        _flush_std_streams()
+        os._exit(code)
+
+
+class MPICommunicator:
+    """A communicator over mpi4py (default: MPI.COMM_WORLD). Buffers are NumPy arrays reduced in place."""
+
+    def __init__(self, comm=None):
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise ImportError("dpnet's MPI communicator needs mpi4py and an MPI library: pip install dpnet[mpi] "
+                              "(or pip install mpi4py built against your system MPI)") from exc
+        self._MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.is_root = self.rank == 0
+        self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        self._local_size = None
+        if self.size > 1:
+            install_abort_handler(self)
+
+    def allreduce(self, buf, op="sum"):
+        """Element-wise reduce `buf` over all processes, in place; every process gets the result. Returns buf."""
+        _check_buffer(buf, op)
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._ops[op])
+        return buf
+
+    def bcast(self, buf, root=0):
+        """Overwrite `buf` on every process with root's `buf` (same shape and dtype everywhere). Returns buf."""
+        _check_buffer(buf)
+        self.comm.Bcast(buf, root=root)
+        return buf
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def local_size(self):
+        """Number of processes of this communicator on this machine (collective on the first call, then cached)."""
+        if self._local_size is None:
+            node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED)
+            self._local_size = node.Get_size()
+            node.Free()
+        return self._local_size
+
+    def abort(self, code=1):
+        """End every process of the job (MPI_COMM_WORLD) with exit code `code`; does not return."""
+        _flush_std_streams()
+        self._MPI.COMM_WORLD.Abort(code)
+
+
+def _launched_size():
+    """(launched, size): whether an MPI launcher started this process, and how many processes (None: not said)."""
+    for var in _WORLD_SIZE_VARS:
+        if os.environ.get(var):
+            return True, int(os.environ[var])
+    if os.environ.get("PMIX_RANK"):  # PMIx gives the rank but not the size
+        return True, None
+    return False, 1
+
+
+def get_communicator(kind=None):
+    """The communicator of this process.
+
+    kind None or "auto": the MPI world if an MPI launcher (mpiexec/mpirun, srun) started more than one process, judged
+    from the launcher's environment variables so that mpi4py is not even imported otherwise; else serial.
+    "serial" or "mpi" force a kind. Raises ImportError (saying `pip install dpnet[mpi]`) when MPI is needed but mpi4py is
+    missing, and RuntimeError when the launcher started N processes but MPI sees another number (e.g. srun without
+    --mpi=pmi2/pmix starts N independent single processes).
+    """
+    if kind == "serial":
+        return SerialCommunicator()
+    if kind == "mpi":
+        return MPICommunicator()
+    if kind not in (None, "auto"):
+        raise ValueError(f"unknown communicator kind {kind!r}; expected 'auto', 'serial' or 'mpi'")
+    launched, size = _launched_size()
+    if not launched or size == 1:
+        return SerialCommunicator()
+    comm = MPICommunicator()
+    if size is not None and comm.size != size:
+        raise RuntimeError(f"the launcher started {size} processes but MPI sees {comm.size}: mpi4py is not using the "
+                           "launcher's MPI (with Slurm use srun --mpi=pmi2 or pmix, or the mpiexec of the MPI that "
+                           "mpi4py was built with)")
+    return comm if comm.size > 1 else SerialCommunicator()
+
+
+# ----------------------------------------------------------------------------------------------- BLAS threads
+_blas_limits = None  # the threadpoolctl controller; kept alive for the life of the process
+
+
+def _positive_int(value, name):
+    try:
+        n = int(str(value).split(",")[0])  # OMP_NUM_THREADS may list nested levels: "4,2"
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return n
+
+
+def _processes_on_this_node(comm):
+    for var in _LOCAL_SIZE_VARS:
+        if os.environ.get(var):
+            return _positive_int(os.environ[var], var)
+    if comm is not None and comm.size > 1:
+        return comm.local_size()
+    return 1
+
+
+def set_blas_threads(n=None, comm=None):
+    """Limit the BLAS thread pool of this process to n threads (via threadpoolctl) and return n.
+
+    n None: $DPNET_BLAS_THREADS, else $OPENBLAS_NUM_THREADS, else $OMP_NUM_THREADS, else
+    max(1, cores // processes on this machine), cores being the CPUs this process may run on and the process count
+    coming from the launcher (MPI_LOCALNRANKS, OMPI_COMM_WORLD_LOCAL_SIZE) or from `comm.local_size()` (collective:
+    call it on every rank). Oversubscribing the cores (each of P processes running a pool of #cores threads) makes
+    every step several times slower. A launcher that pins each process to its own cores (srun --cpus-per-task) gives
+    one process its CPUs only: set OMP_NUM_THREADS there (launch/slurm.sbatch does).
+    """
+    global _blas_limits
+    if n is None:
+        var = next((v for v in _THREAD_VARS if os.environ.get(v)), None)
+        if var is not None:
+            n = _positive_int(os.environ[var], var)
+        else:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            n = max(1, cores // _processes_on_this_node(comm))
+    n = _positive_int(n, "the number of BLAS threads")
+    from threadpoolctl import threadpool_limits
+
+    _blas_limits = threadpool_limits(limits=n, user_api="blas")
+    return n
+
+
+# ----------------------------------------------------------------------------------------------- failures
+_abort_handler_installed = False
+_signal_sockets = None  # kept alive: CPython writes caught signal numbers into the second one
+
+
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or broken stream must not prevent the abort
+            pass
+
+
+def _say(message):
+    try:
+        sys.stderr.write(message)
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def install_abort_handler(comm):
+    """Make any rank's failure end the whole job instead of leaving the other ranks blocked in a collective.
+
+    An unhandled exception (sys.excepthook) prints one message naming the rank, with the traceback, then calls
+    comm.abort(1). SIGINT or SIGTERM (when installed from the main thread) print a message and comm.abort(128 + signal).
+    Idempotent. Signals are served by a watcher thread woken through signal.set_wakeup_fd, because a Python signal
+    handler only runs when the main thread returns to the interpreter, never while it waits inside MPI_Allreduce; the
+    thread calls MPI_Abort concurrently with the main thread, which mpi4py's default thread level (MPI_THREAD_MULTIPLE,
+    mpi4py.rc.thread_level) permits. Skipped if something else (an event loop) already owns the wakeup fd.
+    """
+    global _abort_handler_installed
+    if _abort_handler_installed:
+        return
+    _abort_handler_installed = True
+    who = f"rank {comm.rank} of {comm.size}"
+
+    def excepthook(exc_type, exc, tb):
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        _say(f"dpnet: {who} failed with an unhandled {exc_type.__name__}; aborting all ranks\n{text}")
+        comm.abort(1)
+
+    sys.excepthook = excepthook
+    if threading.current_thread() is threading.main_thread():
+        _abort_on_signals(comm, who)
+
+
+def _abort_on_signals(comm, who):
+    global _signal_sockets
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    if previous != -1:
+        signal.set_wakeup_fd(previous)
+        reader.close()
+        writer.close()
+        return
+    _signal_sockets = (reader, writer)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # CPython writes to the wakeup fd only for signals that have a Python handler; the watcher does the work.
+        signal.signal(sig, lambda signum, frame: None)
+
+    def watch():
+        signum = reader.recv(1)[0]
+        _say(f"dpnet: {who} received {signal.Signals(signum).name}; aborting all ranks\n")
+        comm.abort(128 + signum)
+
+    threading.Thread(target=watch, name="dpnet-abort-on-signal", daemon=True).start()
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_fault(value):
+    if not value:
+        return None
+    try:
+        fields = dict(item.split("=") for item in value.replace(" ", "").split(","))
+        spec = int(fields.pop("rank")), int(fields.pop("step"))
+    except (ValueError, KeyError):
+        fields, spec = None, None
+    if spec is None or fields:
+        raise ValueError(f'{FAULT_ENV}={value!r}: expected "rank=R,step=S" with integers R and S')
+    return spec
+
+
+def fault_injection_point(comm, step):
+    """Raise RuntimeError("injected fault ...") if $DPNET_FAULT_INJECT names this rank and `step` (tests only).
+
+    `step` is whatever the caller counts (the Solver passes its iteration counter before the update). The variable is
+    parsed once per distinct value, so an unset variable costs one dictionary lookup.
+    """
+    spec = _parse_fault(os.environ.get(FAULT_ENV))
+    if spec is not None and spec == (comm.rank, step):
+        raise RuntimeError(f"injected fault on rank {comm.rank} at step {step} ({FAULT_ENV}={os.environ[FAULT_ENV]})")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def make_reducer(comm):
+    """A callable reduce_sum(a) -> new C-contiguous array (a's dtype) holding the element-wise sum of `a` over all
+    processes, for synchronized batch normalization; None when comm has one process (local statistics are global)."""
+    if comm.size == 1:
+        return None
+
+    def reduce_sum(a):
+        return comm.allreduce(np.array(a, order="C", copy=True))
+
+    return reduce_sum
+
+
+reducer = make_reducer  # the name used in the original specification
+
+
+def check_in_sync(comm, flat_params):
+    """Raise RuntimeError on every rank unless `flat_params` is bitwise identical on all ranks. Collective.
+
+    Each rank hashes its buffer (8-byte BLAKE2b) and all hashes are gathered through one allreduce; the ranks that
+    disagree with the majority (ties: with rank 0) are named. Data-parallel replicas apply the same update to the same
+    reduced gradient, so any difference at all means they diverged.
+    """
+    data = np.ascontiguousarray(flat_params)
+    digest = hashlib.blake2b(data.view(np.uint8).ravel(), digest_size=8).digest()
+    hashes = np.zeros(comm.size, dtype=np.int64)
+    hashes[comm.rank] = np.frombuffer(digest, dtype=np.int64)[0]
+    comm.allreduce(hashes)  # each slot is written by one rank only: the sum is a gather
+    reference = collections.Counter(hashes.tolist()).most_common(1)[0][0]
+    differ = [r for r in range(comm.size) if hashes[r] != reference]
+    if differ:
+        agree = [r for r in range(comm.size) if hashes[r] == reference]
+        raise RuntimeError(f"parameters differ across processes: rank(s) {differ} disagree with rank(s) {agree} "
+                           f"({data.size} values checked); the replicas have diverged")

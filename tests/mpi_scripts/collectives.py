@@ -1,0 +1,53 @@
+"""Run under mpiexec -n N: checks the MPI communicator's collectives on every rank; rank 0 prints "ok <N> ranks" at the end."""
+
+import os
+
+import numpy as np
+
+from dpnet.distributed import MPICommunicator, check_in_sync, get_communicator, make_reducer
+
+comm = get_communicator()
+r, n = comm.rank, comm.size
+assert isinstance(comm, MPICommunicator), type(comm)
+assert n == int(os.environ["PMI_SIZE"]) > 1 and comm.is_root == (r == 0)
+
+for dtype in (np.float32, np.float64, np.int64):
+    for op, expected in (("sum", n * (n + 1) // 2), ("max", n), ("min", 1)):
+        buf = np.full((2, 3), r + 1, dtype=dtype)
+        out = comm.allreduce(buf, op=op)
+        assert out is buf and buf.dtype == dtype, (op, dtype)
+        assert (buf == expected).all(), (op, dtype, buf)
+
+buf = np.arange(5, dtype=np.float64) if r == 0 else np.zeros(5)
+assert comm.bcast(buf) is buf and (buf == np.arange(5)).all()
+buf = np.full(3, r, dtype=np.int64)
+comm.bcast(buf, root=n - 1)
+assert (buf == n - 1).all()
+
+for bad, error in ((np.zeros((4, 4))[:, 0], ValueError), ([1.0, 2.0], TypeError)):
+    try:
+        comm.allreduce(bad)
+    except error as exc:
+        assert "contiguous" in str(exc) or "NumPy" in str(exc), exc
+    else:
+        raise AssertionError(f"allreduce accepted {bad!r}")
+
+local = np.array([r + 1.0, 1.0], dtype=np.float32)
+total = make_reducer(comm)(local)
+assert total is not local and total.dtype == np.float32 and total.flags.c_contiguous
+assert (total == [n * (n + 1) / 2, n]).all() and (local == [r + 1, 1]).all()
+
+params = np.linspace(0, 1, 1000)
+check_in_sync(comm, params)
+if r == n - 1:
+    params[17] += 1e-12
+try:
+    check_in_sync(comm, params)
+except RuntimeError as exc:
+    assert f"rank(s) [{n - 1}]" in str(exc), exc
+else:
+    raise AssertionError("check_in_sync missed a perturbed rank")
+
+comm.barrier()  # reached only if every rank passed: a failed assertion aborts the job
+if comm.is_root:
+    print(f"ok {n} ranks", flush=True)

@@ -1,0 +1,266 @@
+"""Tests of dpnet.distributed. MPI tests spawn `mpiexec -n N python tests/mpi_scripts/<script>.py` themselves.
+
+Without mpi4py or mpiexec the MPI tests are skipped locally and fail when $CI is set.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpnet import distributed
+from dpnet.distributed import (SerialCommunicator, check_in_sync, fault_injection_point, get_communicator,
+                               make_reducer, set_blas_threads)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
+# Variables that would make a child think it was started by a launcher, or change the thread counts under test.
+_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "SLURM_", "HYDRA_")
+_SCRUBBED = ("DPNET_FAULT_INJECT", "DPNET_BLAS_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES) and k not in _SCRUBBED}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env.update(extra)
+    return env
+
+
+def _mpiexec():
+    """The mpiexec next to this interpreter (the mpich wheel's), else the one on PATH; skip (fail on CI) if none."""
+    local = Path(sys.executable).parent / "mpiexec"
+    found = str(local) if local.is_file() else shutil.which("mpiexec")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        found, why = None, "mpi4py is not installed (pip install dpnet[mpi])"
+    else:
+        why = "no mpiexec next to the interpreter nor on PATH (pip install dpnet[mpi])"
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    return found
+
+
+def _mpi_command(n, script, *args):
+    return [_mpiexec(), "-n", str(n), sys.executable, str(SCRIPTS / script), *map(str, args)]
+
+
+def run_mpi(n, script, *args, timeout=60, **env):
+    return subprocess.run(_mpi_command(n, script, *args), env=_clean_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_python(code, timeout=60, **env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_clean_env(**env), capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+# ----------------------------------------------------------------------------------------------- serial, in process
+def test_serial_communicator_is_a_checked_no_op():
+    comm = SerialCommunicator()
+    assert (comm.rank, comm.size, comm.is_root, comm.local_size()) == (0, 1, True, 1)
+    for dtype in (np.float32, np.float64, np.int64):
+        buf = np.arange(6, dtype=dtype).reshape(2, 3)
+        for op in ("sum", "max", "min"):
+            assert comm.allreduce(buf, op=op) is buf
+        assert comm.bcast(buf) is buf
+        assert (buf == np.arange(6).reshape(2, 3)).all()
+    comm.barrier()
+    with pytest.raises(ValueError, match="contiguous"):
+        comm.allreduce(np.zeros((4, 4))[:, 1])
+    with pytest.raises(TypeError, match="NumPy"):
+        comm.allreduce([1.0, 2.0])
+    with pytest.raises(ValueError, match="op"):
+        comm.allreduce(np.zeros(2), op="prod")
+    frozen = np.zeros(3)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        comm.bcast(frozen)
+    assert make_reducer(comm) is None
+    check_in_sync(comm, np.arange(10.0))
+
+
+def test_mpi_requested_without_mpi4py_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `from mpi4py import MPI` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install dpnet\[mpi\]"):
+        get_communicator("mpi")
+    monkeypatch.setenv("PMI_SIZE", "2")  # "started by mpiexec -n 2" but no mpi4py: an error, not N serial runs
+    with pytest.raises(ImportError, match=r"pip install dpnet\[mpi\]"):
+        get_communicator()
+    with pytest.raises(ValueError, match="kind"):
+        get_communicator("nccl")
+
+
+def test_fault_injection_parsing(monkeypatch):
+    comm = SerialCommunicator()
+    monkeypatch.delenv("DPNET_FAULT_INJECT", raising=False)
+    fault_injection_point(comm, 5)
+    monkeypatch.setenv("DPNET_FAULT_INJECT", " rank = 0 , step = 3 ")
+    fault_injection_point(comm, 2)
+    with pytest.raises(RuntimeError, match="injected fault on rank 0 at step 3"):
+        fault_injection_point(comm, 3)
+    monkeypatch.setenv("DPNET_FAULT_INJECT", "rank=1,step=3")
+    fault_injection_point(comm, 3)  # another rank's fault
+    for bad in ("rank=1", "rank=1,step=x", "rank=1;step=2", "rank=1,step=2,when=now"):
+        monkeypatch.setenv("DPNET_FAULT_INJECT", bad)
+        with pytest.raises(ValueError, match="DPNET_FAULT_INJECT"):
+            fault_injection_point(comm, 0)
+
+
+@pytest.fixture
+def restore_blas_threads():
+    yield
+    if distributed._blas_limits is not None:
+        distributed._blas_limits.restore_original_limits()
+
+
+def test_blas_threads_precedence(monkeypatch, restore_blas_threads):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
+
+    for var in ("DPNET_BLAS_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", *distributed._LOCAL_SIZE_VARS):
+        monkeypatch.delenv(var, raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert set_blas_threads() == cores
+    monkeypatch.setenv("MPI_LOCALNRANKS", str(2 * cores))  # more processes than cores: one thread each
+    assert set_blas_threads() == 1
+    assert blas_threads() <= {1}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,2")
+    assert set_blas_threads() == 3
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert set_blas_threads() == 2
+    monkeypatch.setenv("DPNET_BLAS_THREADS", "1")
+    assert set_blas_threads() == 1
+    assert blas_threads() <= {1}
+    assert set_blas_threads(4) == 4
+    monkeypatch.setenv("DPNET_BLAS_THREADS", "zero")
+    with pytest.raises(ValueError, match="DPNET_BLAS_THREADS"):
+        set_blas_threads()
+    with pytest.raises(ValueError, match="positive"):
+        set_blas_threads(0)
+
+
+# ----------------------------------------------------------------------------------------------- serial, subprocess
+@pytest.mark.timeout(60)
+def test_plain_process_is_serial_without_importing_mpi4py():
+    result = run_python("""
+        import sys
+        import numpy as np
+        from dpnet.distributed import SerialCommunicator, get_communicator
+        for kind in (None, "auto", "serial"):
+            comm = get_communicator(kind)
+            assert type(comm) is SerialCommunicator, comm
+            assert comm.allreduce(np.ones(3)).sum() == 3
+        assert "mpi4py" not in sys.modules, "mpi4py was imported"
+        print("serial ok", flush=True)
+        comm.abort(3)
+        print("abort returned")
+    """)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "serial ok\n"
+
+
+# ----------------------------------------------------------------------------------------------- MPI
+@pytest.mark.timeout(60)
+def test_one_process_under_mpiexec_is_serial():
+    code = ("import sys; from dpnet.distributed import get_communicator, SerialCommunicator; "
+            "assert type(get_communicator()) is SerialCommunicator; assert 'mpi4py' not in sys.modules; print('ok')")
+    cmd = [_mpiexec(), "-n", "1", sys.executable, "-c", code]
+    result = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_launcher_and_mpi_disagreeing_is_an_error():
+    """As under srun without a PMI plugin: Slurm says 2 tasks, but each process initializes MPI alone."""
+    _mpiexec()
+    result = run_python("from dpnet.distributed import get_communicator; get_communicator()", SLURM_STEP_NUM_TASKS="2")
+    assert result.returncode == 1
+    assert "the launcher started 2 processes but MPI sees 1" in result.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("n", [2, 3])
+def test_collectives(n):
+    """allreduce sum/max/min in place (float32, float64, int64), bcast, errors, reducer, check_in_sync."""
+    result = run_mpi(n, "collectives.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == f"ok {n} ranks\n"
+
+
+@pytest.mark.timeout(60)
+def test_fault_on_one_rank_aborts_the_whole_job():
+    start = time.monotonic()
+    result = run_mpi(3, "fault.py", timeout=30, DPNET_FAULT_INJECT="rank=1,step=5")
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 15, f"the job took {elapsed:.1f} s to die"
+    assert result.stderr.count("dpnet: rank") == 1, result.stderr
+    assert "dpnet: rank 1 of 3 failed with an unhandled RuntimeError" in result.stderr
+    assert "Traceback" in result.stderr and "injected fault on rank 1 at step 5" in result.stderr
+    assert "finished" not in result.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_on_a_rank_blocked_in_allreduce_aborts_the_whole_job(sig, tmp_path):
+    proc = subprocess.Popen(_mpi_command(3, "wait_for_signal.py", tmp_path), env=_clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "pid1").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the ranks did not start"
+            time.sleep(0.05)
+        time.sleep(0.2)  # let rank 1 enter MPI_Allreduce
+        start = time.monotonic()
+        os.kill(int((tmp_path / "pid1").read_text()), sig)
+        _, stderr = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert elapsed < 15
+    assert f"dpnet: rank 1 of 3 received {sig.name}" in stderr, stderr
+
+
+@pytest.mark.timeout(60)
+def test_blas_threads_split_the_cores_between_ranks():
+    result = run_mpi(2, "blas_threads.py")
+    assert result.returncode == 0, result.stderr
+    ranks = json.loads(result.stdout)
+    expected = max(1, len(os.sched_getaffinity(0)) // 2)  # 1 on a 2-core machine
+    assert ranks == [dict(set=expected, blas_min=expected, blas_max=expected, local_size=2)] * 2
+
+
+# ----------------------------------------------------------------------------------------------- launch scripts
+LAUNCH = REPO / "launch"
+
+
+@pytest.mark.parametrize("args", [[], ["0"], ["-2"], ["two"], [""]])
+def test_local_sh_rejects_a_bad_process_count(args):
+    result = subprocess.run(["bash", str(LAUNCH / "local.sh"), *args], env=_clean_env(), capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "number of processes" in result.stderr and "usage" in result.stderr.lower()
+
+
+@pytest.mark.parametrize("script", ["local.sh", "hosts.sh", "slurm.sbatch"])
+def test_launch_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck"):  # an optional linter: checked where it is installed
+        result = subprocess.run(["shellcheck", "-s", "bash", str(LAUNCH / script)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
