@@ -211,8 +211,9 @@ def dropout_forward(x, dropout_param):
     Inputs:
     - x: any shape
     - dropout_param: dict with 'p' (probability of KEEPING a unit, 0 < p <= 1), 'mode' ('train' or 'test'), and
-      optional 'seed' (the same seed gives the same mask, for gradient checks) or 'rng' (a numpy Generator the mask
-      is drawn from, for reproducible training); without either, NumPy's global RNG
+      optional 'rng' (a numpy Generator the masks are drawn from: reproducible training; the Solver sets it) or
+      else 'seed' (the same seed gives the same mask every call: for gradient checks); without either, NumPy's
+      global RNG
 
     Returns (out, cache): out has x's shape; in test mode out is x itself.
     """
@@ -223,10 +224,10 @@ def dropout_forward(x, dropout_param):
     if mode == "test":
         return x, (dropout_param, None)
     seed = dropout_param.get("seed")
-    if seed is not None:
-        uniform = np.random.default_rng(seed).random(x.shape)
-    elif dropout_param.get("rng") is not None:
+    if dropout_param.get("rng") is not None:
         uniform = dropout_param["rng"].random(x.shape)
+    elif seed is not None:
+        uniform = np.random.default_rng(seed).random(x.shape)
     else:
         uniform = np.random.random_sample(x.shape)
     mask = (uniform < p).astype(x.dtype) / x.dtype.type(p)
@@ -263,7 +264,7 @@ def softmax_loss(x, y):
     shifted = x - x.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     rows = np.arange(N)
-    loss = -log_probs[rows, y].mean()
+    loss = -np.sum(log_probs[rows, y]) / N
     dx = np.exp(log_probs)
     dx[rows, y] -= 1
     dx /= N

@@ -1,0 +1,294 @@
+"""The Solver: one training loop for one process or many.
+
+Each step, every process draws the same global minibatch indices from the shared seed, takes its own shard, computes
+the gradient of its shard's mean loss, scales it by n_r / N, and all processes sum the scaled gradients (and the loss)
+in one fused in-place allreduce; then every process applies the update rule to its replica. A single process is the
+communicator of size 1: the same code, with the reduction skipped.
+
+Monitors (see dpnet.monitor) receive `on_train_begin(solver)`, `on_iteration_end(solver, info)`,
+`on_epoch_end(solver, info)` and `on_train_end(solver, info)` on rank 0 only. The iteration info holds `iteration`
+(1-based), `epoch` (completed epochs), `loss`, `learning_rate`, `grad_norm`, `batch_size`, `step_seconds` and
+`samples_per_sec`; the epoch info holds `iteration`, `epoch`, `train_acc`, `val_acc` and `learning_rate`.
+"""
+
+import time
+
+import numpy as np
+
+from . import registry
+from .distributed import SerialCommunicator, fault_injection_point, get_communicator, make_reducer
+from .distributed import check_in_sync
+
+_DEFAULTS = dict(update_rule="sgd", optim_config=None, lr_decay=1.0, batch_size=100, num_epochs=10,
+                 num_train_samples=1000, num_val_samples=None, checkpoint_name=None, print_every=10, verbose=True,
+                 seed=None, comm=None, monitors=(), sync_batchnorm=True)
+
+
+class Solver:
+    """Trains a model on a data dict.
+
+    model: any object with `params` (name -> ndarray) and `loss(X, y=None)` returning scores, or (loss, grads) when
+    y is given. data: dict with X_train, y_train, X_val, y_val (arrays or lazily converting arrays indexed by rows).
+
+    Keyword arguments (all optional):
+    - update_rule: a registered rule name ('sgd', 'sgd_momentum', 'rmsprop', 'adam', or a plugin's) or a callable
+      rule(w, dw, config) -> (next_w, config)
+    - optim_config: hyper-parameters given to the rule; each parameter gets its own copy (and its own state)
+    - lr_decay: the learning rate is multiplied by this after every epoch
+    - batch_size: the global minibatch size (split across processes)
+    - num_epochs: number of passes over the training set (each epoch is a fresh shuffle)
+    - num_train_samples, num_val_samples: how many samples check_accuracy scores each epoch (None: all)
+    - checkpoint_name: if given, a checkpoint `<name>_epoch_<k>.npz` is written (by rank 0) after every epoch
+    - print_every: print the loss every this many iterations (rank 0, when verbose)
+    - verbose: print progress
+    - seed: seed of the minibatch order, the evaluation subsamples and the dropout masks (None: fresh entropy,
+      shared by all processes through a broadcast)
+    - comm: a communicator from dpnet.distributed; None picks the MPI world when launched by mpiexec, else serial
+    - monitors: objects receiving the training events (rank 0 only)
+    - sync_batchnorm: with more than one process, batch statistics are those of the global batch (default True)
+    """
+
+    def __init__(self, model, data, **kwargs):
+        unknown = sorted(set(kwargs) - set(_DEFAULTS))
+        if unknown:
+            raise TypeError(f"Solver got unknown keyword argument(s): {', '.join(unknown)}; "
+                            f"valid ones are: {', '.join(sorted(_DEFAULTS))}")
+        options = {**_DEFAULTS, **kwargs}
+        self.model = model
+        self.X_train, self.y_train = data["X_train"], data["y_train"]
+        self.X_val, self.y_val = data["X_val"], data["y_val"]
+        self._check_data()
+
+        self.update_rule = options["update_rule"]
+        self._rule = self.update_rule if callable(self.update_rule) else registry.get_update_rule(self.update_rule)
+        self.optim_config = dict(options["optim_config"] or {})
+        self.lr_decay = options["lr_decay"]
+        self.batch_size = int(options["batch_size"])
+        self.num_epochs = int(options["num_epochs"])
+        self.num_train_samples = options["num_train_samples"]
+        self.num_val_samples = options["num_val_samples"]
+        self.checkpoint_name = options["checkpoint_name"]
+        self.print_every = options["print_every"]
+        self.comm = options["comm"] if options["comm"] is not None else get_communicator()
+        self.verbose = options["verbose"] and self.comm.rank == 0
+        self.monitors = list(options["monitors"]) if self.comm.rank == 0 else []
+        self._check_sizes()
+
+        self.seed = self._shared_seed(options["seed"])
+        self._setup_model(options["sync_batchnorm"])
+        self._reset()
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _check_data(self):
+        n = len(self.y_train)
+        if n == 0:
+            raise ValueError("the training set is empty (data['X_train'] has no samples)")
+        for split in ("train", "val"):
+            X, y = getattr(self, f"X_{split}"), np.asarray(getattr(self, f"y_{split}"))
+            if y.ndim != 1 or X.shape[0] != y.shape[0]:
+                raise ValueError(f"data['X_{split}'] has {X.shape[0]} samples but data['y_{split}'] has shape "
+                                 f"{y.shape}: expected ({X.shape[0]},)")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(f"data['y_{split}'] must hold integer labels, got dtype {y.dtype}")
+            num_classes = getattr(self.model, "num_classes", None)
+            if y.size and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+                raise ValueError(f"data['y_{split}'] has labels in [{y.min()}, {y.max()}], outside "
+                                 f"[0, {num_classes if num_classes is not None else 'C'})")
+            if isinstance(X, np.ndarray) and X.dtype.kind == "f" and not np.isfinite(X).all():
+                raise ValueError(f"data['X_{split}'] contains NaN or inf")
+
+    def _check_sizes(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.num_epochs < 0:
+            raise ValueError(f"num_epochs must be >= 0, got {self.num_epochs}")
+        if self.batch_size < self.comm.size:
+            raise ValueError(f"the global batch_size ({self.batch_size}) is smaller than the number of processes "
+                             f"({self.comm.size}): every process needs at least one sample")
+
+    def _shared_seed(self, seed):
+        if seed is None:
+            seed = np.random.SeedSequence().entropy % 2**63
+        buf = np.array([seed], dtype=np.int64)
+        self.comm.bcast(buf)
+        return int(buf[0])
+
+    def _setup_model(self, sync_batchnorm):
+        """Make every replica start identical and wire the model's stateful layers to this Solver."""
+        for name in sorted(self.model.params):
+            self.model.params[name] = np.ascontiguousarray(self.model.params[name])
+            self.comm.bcast(self.model.params[name])
+        reducer = make_reducer(self.comm) if sync_batchnorm else None
+        for param in getattr(self.model, "bn_params", []):
+            param["reducer"] = reducer
+
+    def _reset(self):
+        """Set up the bookkeeping; called at construction (resuming from a checkpoint overwrites it)."""
+        self.epoch = 0
+        self.iteration = 0
+        self.best_val_acc = 0
+        self.best_params = {}
+        self.loss_history = []
+        self.train_acc_history = []
+        self.val_acc_history = []
+        self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
+        self._epoch_order = None
+
+    # ----------------------------------------------------------------------------------------------- steps
+    @property
+    def iterations_per_epoch(self):
+        return max(len(self.y_train) // self.batch_size, 1)
+
+    def _stream(self, purpose, *keys):
+        """A random generator determined by the seed, a purpose and keys (such as the epoch).
+
+        Every random draw comes from such a stream, fresh at each epoch, so a run resumed at an epoch boundary draws
+        exactly what the uninterrupted run draws, without saving generator states.
+        """
+        return np.random.default_rng([self.seed, purpose, *keys])
+
+    def _batch_indices(self):
+        """The global minibatch of this iteration: a slice of the epoch's shuffle (the same on every process)."""
+        epoch, j = divmod(self.iteration, self.iterations_per_epoch)
+        if j == 0 or self._epoch_order is None:
+            self._epoch_order = self._stream(0, epoch).permutation(len(self.y_train))
+            dropout_param = getattr(self.model, "dropout_param", None)
+            if dropout_param is not None:
+                # Each process draws the dropout masks of its own shard, from its own stream.
+                dropout_param["rng"] = self._stream(1, epoch, self.comm.rank)
+        return self._epoch_order[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def _shard(self, indices):
+        n, r, size = len(indices), self.comm.rank, self.comm.size
+        return indices[r * n // size:(r + 1) * n // size]
+
+    def _step(self):
+        """One update: gradients of the global minibatch, averaged over processes, then the update rule."""
+        indices = self._batch_indices()
+        shard = np.sort(self._shard(indices))  # sorted rows gather faster; the mean does not depend on order
+        fault_injection_point(self.comm, self.iteration)
+        try:
+            loss, grads = self.model.loss(self.X_train[shard], self.y_train[shard])
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{exc}, at iteration {self.iteration + 1}") from exc
+        if self.comm.size > 1:
+            loss = self._allreduce(loss, grads, len(shard) / len(indices))
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at iteration {self.iteration + 1}: stopping "
+                                     "(try a smaller learning rate)")
+        for name, w in self.model.params.items():
+            next_w, self.optim_configs[name] = self._rule(w, grads[name], self.optim_configs[name])
+            self.model.params[name] = next_w
+        return float(loss), grads, len(indices)
+
+    def _allreduce(self, loss, grads, weight):
+        """Sum weight * (grads, loss) over all processes in one fused buffer; grads are updated in place."""
+        names = sorted(grads)
+        sizes = [grads[name].size for name in names]
+        dtype = np.result_type(*(grads[name].dtype for name in names))
+        buf = np.empty(sum(sizes) + 1, dtype=dtype)
+        offset = 0
+        for name, size in zip(names, sizes):
+            np.multiply(grads[name].ravel(), weight, out=buf[offset:offset + size])
+            offset += size
+        buf[-1] = loss * weight
+        self.comm.allreduce(buf)
+        offset = 0
+        for name, size in zip(names, sizes):
+            grads[name] = buf[offset:offset + size].reshape(grads[name].shape)
+            offset += size
+        return buf[-1]
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def check_accuracy(self, X, y, num_samples=None, batch_size=100):
+        """Fraction of samples whose highest score is the true label, scored in test mode.
+
+        Inputs: X (N, d_1, ..., d_k); y (N,); num_samples: score a random subset of this size (None: all N);
+        batch_size: samples scored per forward pass. With several processes each scores a slice and the counts
+        are summed, so every process returns the same accuracy.
+        """
+        N = X.shape[0]
+        indices = np.arange(N)
+        if num_samples is not None and N > num_samples:
+            indices = np.sort(self._stream(2, self.iteration, N).choice(N, num_samples, replace=False))
+        mine = self._shard(indices)
+        correct = 0
+        for start in range(0, len(mine), batch_size):
+            rows = mine[start:start + batch_size]
+            scores = self.model.loss(X[rows])
+            correct += int(np.count_nonzero(np.argmax(scores, axis=1) == np.asarray(y)[rows]))
+        counts = np.array([correct, len(mine)], dtype=np.int64)
+        self.comm.allreduce(counts)
+        return counts[0] / max(counts[1], 1)
+
+    # ----------------------------------------------------------------------------------------------- the loop
+    def train(self):
+        """Run the optimization until num_epochs are done (continuing where a restored checkpoint left off).
+
+        At the end the model holds the parameters with the best validation accuracy (best_params).
+        """
+        num_iterations = self.num_epochs * self.iterations_per_epoch
+        self._notify("on_train_begin", self)
+        while self.iteration < num_iterations:
+            start = time.perf_counter()
+            loss, grads, batch = self._step()
+            seconds = time.perf_counter() - start
+            self.loss_history.append(loss)
+            self.iteration += 1
+            t = self.iteration
+            if self.monitors:
+                self._notify("on_iteration_end", self, dict(
+                    iteration=t, epoch=self.epoch, loss=loss, learning_rate=self.learning_rate,
+                    grad_norm=float(np.sqrt(sum(np.vdot(g, g) for g in grads.values()))), batch_size=batch,
+                    step_seconds=seconds, samples_per_sec=batch / seconds if seconds > 0 else float("inf")))
+            epoch_end = t % self.iterations_per_epoch == 0
+            if epoch_end:
+                self.epoch += 1
+                for config in self.optim_configs.values():
+                    if "learning_rate" in config:
+                        config["learning_rate"] *= self.lr_decay
+            if t == 1 or t == num_iterations or epoch_end:
+                self._evaluate()
+            if epoch_end:
+                self._end_epoch()
+            if self.verbose and self.print_every and (t - 1) % self.print_every == 0:
+                print(f"(Epoch {self.epoch} / {self.num_epochs}) (Iteration {t} / {num_iterations}) "
+                      f"loss: {loss:f} train acc: {self.train_acc_history[-1]:f} "
+                      f"val_acc: {self.val_acc_history[-1]:f}")
+        for name, value in self.best_params.items():
+            self.model.params[name] = value.copy()
+        self._notify("on_train_end", self, dict(iteration=self.iteration, epoch=self.epoch,
+                                                best_val_acc=self.best_val_acc))
+        return self
+
+    def _evaluate(self):
+        train_acc = self.check_accuracy(self.X_train, self.y_train, num_samples=self.num_train_samples)
+        val_acc = self.check_accuracy(self.X_val, self.y_val, num_samples=self.num_val_samples)
+        self.train_acc_history.append(train_acc)
+        self.val_acc_history.append(val_acc)
+        if val_acc > self.best_val_acc or not self.best_params:
+            self.best_val_acc = val_acc
+            self.best_params = {name: value.copy() for name, value in self.model.params.items()}
+
+    def _end_epoch(self):
+        if self.comm.size > 1:
+            check_in_sync(self.comm, np.concatenate([self.model.params[k].ravel() for k in sorted(self.model.params)]))
+        self._notify("on_epoch_end", self, dict(
+            iteration=self.iteration, epoch=self.epoch, train_acc=self.train_acc_history[-1],
+            val_acc=self.val_acc_history[-1], learning_rate=self.learning_rate))
+        if self.checkpoint_name is not None and self.comm.rank == 0:
+            from .checkpoint import save_checkpoint
+
+            save_checkpoint(f"{self.checkpoint_name}_epoch_{self.epoch}.npz", self)
+
+    @property
+    def learning_rate(self):
+        """The current learning rate (of the first parameter's config; all decay together)."""
+        config = next(iter(self.optim_configs.values()), {})
+        return float(config.get("learning_rate", self.optim_config.get("learning_rate", float("nan"))))
+
+    def _notify(self, event, *args):
+        for monitor in self.monitors:
+            handler = getattr(monitor, event, None)
+            if handler is not None:
+                handler(*args)

@@ -1,0 +1,211 @@
+"""The Solver in one process: the loop, its bookkeeping, reproducibility, checkpoints and its errors."""
+
+import numpy as np
+import pytest
+
+from dpnet.checkpoint import CheckpointError, restore_checkpoint, save_checkpoint
+from dpnet.classifiers.fc_net import FullyConnectedNet
+from dpnet.solver import Solver
+
+
+def _blobs(n, seed, num_classes=3, shape=(2, 2, 3)):
+    """Linearly separable classes: each class a Gaussian blob around its own centre."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).standard_normal((num_classes, int(np.prod(shape)))) * 3
+    y = rng.integers(num_classes, size=n)
+    X = centres[y] + rng.standard_normal((n, int(np.prod(shape))))
+    return X.reshape(n, *shape), y
+
+
+@pytest.fixture
+def data():
+    X_train, y_train = _blobs(300, 0)
+    X_val, y_val = _blobs(60, 1)
+    return dict(X_train=X_train, y_train=y_train, X_val=X_val, y_val=y_val)
+
+
+def _model(**kwargs):
+    kwargs = {"input_dim": 12, "num_classes": 3, "weight_scale": 0.1, "seed": 0, "dtype": np.float64, **kwargs}
+    return FullyConnectedNet([16], **kwargs)
+
+
+def test_training_learns_and_keeps_the_best_parameters(data):
+    model = _model()
+    solver = Solver(model, data, update_rule="sgd_momentum", optim_config={"learning_rate": 0.05},
+                    batch_size=30, num_epochs=4, seed=1, verbose=False)
+    solver.train()
+    assert len(solver.loss_history) == 4 * 10
+    assert len(solver.val_acc_history) == len(solver.train_acc_history) == 1 + 4  # first iteration + each epoch
+    assert solver.loss_history[-1] < solver.loss_history[0] / 3
+    assert solver.best_val_acc == max(solver.val_acc_history) > 0.9
+    for name, value in solver.best_params.items():
+        np.testing.assert_array_equal(model.params[name], value)
+
+
+def test_same_seed_same_run_different_seed_different_run(data):
+    def run(seed):
+        solver = Solver(_model(dropout=0.8), data, batch_size=32, num_epochs=2, seed=seed, verbose=False,
+                        optim_config={"learning_rate": 0.1})
+        return solver.train().loss_history
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+
+
+def test_learning_rate_decays_per_epoch(data):
+    solver = Solver(_model(), data, optim_config={"learning_rate": 0.1}, lr_decay=0.5, batch_size=100,
+                    num_epochs=3, verbose=False)
+    solver.train()
+    assert solver.learning_rate == pytest.approx(0.1 * 0.5**3)
+
+
+def test_callable_update_rule(data):
+    calls = []
+
+    def halve(w, dw, config=None):
+        calls.append(config)
+        return w * 0.5, config
+
+    model = _model()
+    w0 = model.params["W1"].copy()
+    Solver(model, data, update_rule=halve, batch_size=300, num_epochs=1, verbose=False)._step()
+    np.testing.assert_array_equal(model.params["W1"], w0 * 0.5)
+    assert len(calls) == len(model.params)
+
+
+def test_prints_in_the_seed_format(data, capsys):
+    Solver(_model(), data, batch_size=30, num_epochs=2, print_every=10, verbose=True).train()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("(Epoch 0 / 2) (Iteration 1 / 20) loss: ")
+    assert "train acc: " in lines[0] and "val_acc: " in lines[0]
+    assert lines[1].startswith("(Epoch 1 / 2) (Iteration 11 / 20) loss: ")
+    assert len(lines) == 2
+
+
+def test_check_accuracy_subsample_and_batches(data):
+    solver = Solver(_model(), data, verbose=False)
+    full = solver.check_accuracy(data["X_val"], data["y_val"], batch_size=7)
+    assert full == solver.check_accuracy(data["X_val"], data["y_val"], batch_size=100)
+    part = solver.check_accuracy(data["X_val"], data["y_val"], num_samples=20)
+    assert part in {k / 20 for k in range(21)}
+
+
+def test_unknown_keyword_and_rule_are_named(data):
+    with pytest.raises(TypeError, match="learning_rat"):
+        Solver(_model(), data, learning_rat=1e-3)
+    with pytest.raises(ValueError, match="sgd_momentun"):
+        Solver(_model(), data, update_rule="sgd_momentun")
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d.update(X_train=d["X_train"][:0], y_train=d["y_train"][:0]), "empty"),
+    (lambda d: d.update(y_train=d["y_train"][:-1]), "y_train"),
+    (lambda d: d.update(y_val=d["y_val"].astype(float)), "integer"),
+    (lambda d: d["y_train"].__setitem__(0, 3), r"labels in \[0, 3\]"),
+    (lambda d: d["X_train"].__setitem__((5, 0, 0, 0), np.nan), "NaN or inf"),
+    (lambda d: d["X_val"].__setitem__((5, 0, 0, 0), -np.inf), "NaN or inf"),
+])
+def test_bad_data_is_named(data, change, match):
+    change(data)
+    with pytest.raises(ValueError, match=match):
+        Solver(_model(), data)
+
+
+@pytest.mark.parametrize("batch_size", [0, -5])
+def test_non_positive_batch_size(data, batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        Solver(_model(), data, batch_size=batch_size)
+
+
+def test_diverging_loss_stops_with_the_iteration(data):
+    solver = Solver(_model(), data, optim_config={"learning_rate": 1e30}, batch_size=30, verbose=False)
+    with pytest.raises(FloatingPointError, match=r"iteration \d+"):
+        solver.train()
+
+
+@pytest.mark.parametrize("rule", ["sgd_momentum", "adam", "rmsprop"])
+def test_checkpoint_resume_is_exact(data, tmp_path, rule):
+    """Stopping after epoch 2 and resuming gives bit for bit what the uninterrupted run gives."""
+    def fresh():
+        model = _model(normalization="batchnorm", dropout=0.9)
+        return Solver(model, data, update_rule=rule, optim_config={"learning_rate": 1e-2}, batch_size=32,
+                      num_epochs=4, seed=3, lr_decay=0.9, verbose=False)
+
+    full = fresh().train()
+    path = save_checkpoint(tmp_path / "run.npz", _run_until_epoch(fresh(), 2))
+    resumed = fresh()
+    restore_checkpoint(resumed, path)
+    resumed.train()
+    for name in full.model.params:
+        np.testing.assert_array_equal(resumed.model.params[name], full.model.params[name])
+    assert resumed.loss_history == full.loss_history
+    assert resumed.val_acc_history == full.val_acc_history
+
+
+def _run_until_epoch(solver, stop_epoch):
+    """Train `solver` (configured for more epochs) and stop it dead at the end of epoch `stop_epoch`."""
+    class Stop(Exception):
+        pass
+
+    class StopAfter:
+        def on_epoch_end(self, s, info):
+            if info["epoch"] == stop_epoch:
+                raise Stop
+
+    solver.monitors.append(StopAfter())
+    with pytest.raises(Stop):
+        solver.train()
+    solver.monitors.clear()
+    return solver
+
+
+def test_checkpoint_mismatch_is_refused_with_the_difference(data, tmp_path):
+    solver = Solver(_model(), data, verbose=False)
+    path = save_checkpoint(tmp_path / "a.npz", solver)
+    other = Solver(FullyConnectedNet([17], input_dim=12, num_classes=3, dtype=np.float64), data, verbose=False)
+    with pytest.raises(CheckpointError, match=r"W1 is float64\[12, 16\] in the checkpoint but float64\[12, 17\]"):
+        restore_checkpoint(other, path)
+    deeper = Solver(FullyConnectedNet([16, 4], input_dim=12, num_classes=3, dtype=np.float64), data, verbose=False)
+    with pytest.raises(CheckpointError, match="W3 is in the model but not in the checkpoint"):
+        restore_checkpoint(deeper, path)
+
+
+def test_checkpoint_files_that_are_not_checkpoints(data, tmp_path):
+    solver = Solver(_model(), data, verbose=False)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        restore_checkpoint(solver, tmp_path / "missing.npz")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="garbage.npz"):
+        restore_checkpoint(solver, garbage)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, meta=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="pickled.npz"):
+        restore_checkpoint(solver, pickled)
+    good = save_checkpoint(tmp_path / "good.npz", solver)
+    truncated = tmp_path / "truncated.npz"
+    with open(good, "rb") as f:
+        truncated.write_bytes(f.read()[:200])
+    with pytest.raises(CheckpointError, match="truncated.npz"):
+        restore_checkpoint(solver, truncated)
+
+
+def test_checkpoint_write_is_atomic(data, tmp_path, monkeypatch):
+    solver = Solver(_model(), data, verbose=False)
+    path = tmp_path / "run.npz"
+    save_checkpoint(path, solver)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, solver)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run.npz"]  # no temporary file left behind
+
+
+def test_checkpoint_name_writes_one_file_per_epoch(data, tmp_path):
+    Solver(_model(), data, batch_size=100, num_epochs=2, checkpoint_name=str(tmp_path / "ck"), verbose=False).train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck_epoch_1.npz", "ck_epoch_2.npz"]
