@@ -1,0 +1,10 @@
+"""Fails to import, as a plugin with a missing dependency does."""
+
+from dpnet.registry import Layer, hookimpl
+
+import dpnetfx_this_dependency_is_not_installed  # noqa: F401
+
+
+@hookimpl
+def dpnet_layers():
+    return []

@@ -1,0 +1,8 @@
+"""Its dpnet_layers hook raises."""
+
+from dpnet.registry import Layer, hookimpl
+
+
+@hookimpl
+def dpnet_layers():
+    raise RuntimeError("the layer table is corrupt")

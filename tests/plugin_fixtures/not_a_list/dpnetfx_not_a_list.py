@@ -1,0 +1,8 @@
+"""dpnet_layers returns a dict instead of a list."""
+
+from dpnet.registry import Layer, hookimpl
+
+
+@hookimpl
+def dpnet_layers():
+    return {"fx_oops": None}

@@ -1,0 +1,8 @@
+"""Implements dpnet_layer (a typo of dpnet_layers)."""
+
+from dpnet.registry import Layer, hookimpl
+
+
+@hookimpl
+def dpnet_layer():
+    return []
