@@ -44,8 +44,11 @@ def affine_norm_act_forward(x, w, b, activation, norm=None, gamma=None, beta=Non
     return out, (fc_cache, norm, norm_cache, activation, act_cache, dropout_cache)
 
 
-def affine_norm_act_backward(dout, cache):
-    """Backward pass of affine_norm_act. Returns (dx, dw, db, dgamma, dbeta); the last two are None without norm."""
+def affine_norm_act_backward(dout, cache, need_dx=True):
+    """Backward pass of affine_norm_act. Returns (dx, dw, db, dgamma, dbeta).
+
+    dgamma and dbeta are None without a normalization; dx is None when need_dx is False.
+    """
     fc_cache, norm, norm_cache, activation, act_cache, dropout_cache = cache
     if dropout_cache is not None:
         dout = dropout_backward(dout, dropout_cache)
@@ -53,5 +56,5 @@ def affine_norm_act_backward(dout, cache):
     dgamma = dbeta = None
     if norm is not None:
         dout, dgamma, dbeta = norm.backward(dout, norm_cache)
-    dx, dw, db = affine_backward(dout, fc_cache)
+    dx, dw, db = affine_backward(dout, fc_cache, need_dx)
     return dx, dw, db, dgamma, dbeta

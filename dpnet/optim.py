@@ -23,7 +23,10 @@ def sgd(w, dw, config=None):
     """
     config = {} if config is None else config
     config.setdefault("learning_rate", 1e-2)
-    return w - config["learning_rate"] * dw, config
+    # One temporary, not two, with the same rounding as w - lr * dw.
+    next_w = np.multiply(dw, -config["learning_rate"], dtype=np.result_type(w, dw))
+    next_w += w
+    return next_w, config
 
 
 def sgd_momentum(w, dw, config=None):

@@ -200,3 +200,16 @@ def test_losses_reject_bad_labels(loss_fn):
         loss_fn(x, np.array([0, 1]))
     with pytest.raises(ValueError, match="integer"):
         loss_fn(x, np.array([0.0, 1.0, 2.0]))
+
+
+def test_affine_backward_can_skip_the_input_gradient(rng):
+    from dpnet.layers import affine_backward, affine_forward
+
+    x, w, b, dout = rng.standard_normal((4, 2, 3)), rng.standard_normal((6, 5)), rng.standard_normal(5), \
+        rng.standard_normal((4, 5))
+    _, cache = affine_forward(x, w, b)
+    dx, dw, db = affine_backward(dout, cache)
+    none, dw2, db2 = affine_backward(dout, cache, need_dx=False)
+    assert none is None and dx.shape == x.shape
+    np.testing.assert_array_equal(dw, dw2)
+    np.testing.assert_array_equal(db, db2)

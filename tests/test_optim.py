@@ -112,3 +112,9 @@ def test_float32_stays_float32(rule):
     for _ in range(3):
         w, config = rule(w, dw, config)
     assert w.dtype == np.float32
+
+
+def test_sgd_promotes_mixed_dtypes_like_numpy():
+    w, dw = np.ones(3), np.ones(3, dtype=np.float32)
+    next_w, _ = sgd(w, dw, {"learning_rate": 0.5})
+    assert next_w.dtype == np.float64 and np.all(next_w == 0.5)

@@ -113,12 +113,16 @@ class FullyConnectedNet:
 
         data_loss, dscores = self._loss.forward(scores, y)
         weights = [self.params[f"W{i}"] for i in range(1, L + 1)]
-        loss = data_loss + 0.5 * self.reg * sum(np.sum(w * w) for w in weights)
+        loss = data_loss
+        if self.reg:
+            loss += 0.5 * self.reg * sum(np.sum(w * w) for w in weights)
 
         grads = {}
-        dout, grads[f"W{L}"], grads[f"b{L}"] = affine_backward(dscores, last_cache)
+        dout, grads[f"W{L}"], grads[f"b{L}"] = affine_backward(dscores, last_cache, need_dx=L > 1)
         for i in range(L - 1, 0, -1):
-            dout, grads[f"W{i}"], grads[f"b{i}"], dgamma, dbeta = affine_norm_act_backward(dout, caches[i - 1])
+            # The gradient of the input X is never used: the first layer skips it (a third of its backward pass).
+            dout, grads[f"W{i}"], grads[f"b{i}"], dgamma, dbeta = affine_norm_act_backward(dout, caches[i - 1],
+                                                                                          need_dx=i > 1)
             if dgamma is not None:
                 grads[f"gamma{i}"], grads[f"beta{i}"] = dgamma, dbeta
         if self.reg:
