@@ -1,0 +1,1 @@
+"""dpnet-swish: the swish activation and the Lion update rule, for dpnet."""
