@@ -1,3 +1,5 @@
 """dpnet: modular NumPy neural networks, pluggy plugins and MPI data-parallel training."""
 
 __version__ = "0.1.0"
+
+from .registry import Layer, PluginError, UnknownNameError, hookimpl  # noqa: E402,F401

@@ -14,7 +14,7 @@ def dpnet_layers():
     """Activations relu; normalizations batchnorm, layernorm; losses softmax, svm."""
     return [
         Layer("relu", "activation", layers.relu_forward, layers.relu_backward),
-        Layer("batchnorm", "normalization", layers.batchnorm_forward, layers.batchnorm_backward),
+        Layer("batchnorm", "normalization", layers.batchnorm_forward, layers.batchnorm_backward_alt),
         Layer("layernorm", "normalization", layers.layernorm_forward, layers.layernorm_backward),
         Layer("softmax", "loss", layers.softmax_loss, None),
         Layer("svm", "loss", layers.svm_loss, None),
