@@ -254,20 +254,28 @@ def _check_labels(x, y, name):
     return y
 
 
-def softmax_loss(x, y):
+def softmax_loss(x, y, smoothing=0.0):
     """Softmax (cross-entropy) loss, averaged over the batch; stable for large scores.
 
-    Inputs: x (N, C) scores; y (N,) integer labels with 0 <= y[i] < C.
+    Inputs: x (N, C) scores; y (N,) integer labels with 0 <= y[i] < C; smoothing: label smoothing eps in [0, 1),
+    the target being (1 - eps) on the true class plus eps / C on every class.
     Returns (loss, dx): a scalar and the gradient (N, C).
     """
     y = _check_labels(x, y, "softmax_loss")
-    N = x.shape[0]
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"softmax_loss: smoothing must be in [0, 1), got {smoothing!r}")
+    N, C = x.shape
     shifted = x - x.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     rows = np.arange(N)
-    loss = -np.sum(log_probs[rows, y]) / N
     dx = np.exp(log_probs)
-    dx[rows, y] -= 1
+    if smoothing:
+        loss = -((1 - smoothing) * np.sum(log_probs[rows, y]) + smoothing / C * np.sum(log_probs)) / N
+        dx[rows, y] -= 1 - smoothing
+        dx -= smoothing / C
+    else:
+        loss = -np.sum(log_probs[rows, y]) / N
+        dx[rows, y] -= 1
     dx /= N
     return loss, dx
 

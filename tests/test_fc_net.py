@@ -145,3 +145,14 @@ def test_bad_batches_are_errors():
     bad[1, 2] = np.inf
     with pytest.raises(ValueError, match="NaN or inf"):
         model.loss(bad)
+
+
+def test_label_smoothing_reaches_the_loss():
+    X, y = np.random.default_rng(0).standard_normal((4, 6)), np.array([0, 1, 2, 0])
+    plain = FullyConnectedNet([5], input_dim=6, num_classes=3, dtype=np.float64, seed=0)
+    smooth = FullyConnectedNet([5], input_dim=6, num_classes=3, dtype=np.float64, seed=0, label_smoothing=0.2)
+    assert smooth.loss(X, y)[0] != plain.loss(X, y)[0]
+    with pytest.raises(ValueError, match="'svm' does not"):
+        FullyConnectedNet([5], loss="svm", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        FullyConnectedNet([5], label_smoothing=1.0)

@@ -213,3 +213,19 @@ def test_affine_backward_can_skip_the_input_gradient(rng):
     assert none is None and dx.shape == x.shape
     np.testing.assert_array_equal(dw, dw2)
     np.testing.assert_array_equal(db, db2)
+
+
+def test_label_smoothing_value_and_gradient(rng):
+    x, y = rng.standard_normal((20, 5)), rng.integers(5, size=20)
+    eps = 0.1
+    loss, dx = softmax_loss(x, y, smoothing=eps)
+    log_probs = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    target = np.full((20, 5), eps / 5)
+    target[np.arange(20), y] += 1 - eps
+    assert loss == pytest.approx(-(target * log_probs).sum() / 20, rel=1e-13)
+    dx_num = eval_numerical_gradient(lambda xx: softmax_loss(xx, y, smoothing=eps)[0], x, verbose=False, h=1e-3,
+                                     order=4)
+    assert rel_error(dx, dx_num) < 1e-8
+    assert softmax_loss(x, y, smoothing=0.0)[0] == softmax_loss(x, y)[0]
+    with pytest.raises(ValueError, match="smoothing"):
+        softmax_loss(x, y, smoothing=1.0)

@@ -4,6 +4,8 @@ Architecture: {affine - [norm] - activation - [dropout]} x (L - 1) - affine - lo
 loss are resolved by name through dpnet.registry once, at construction, so plugin layers work exactly like built-ins.
 """
 
+import inspect
+
 import numpy as np
 
 from .. import registry
@@ -19,7 +21,8 @@ class FullyConnectedNet:
     """
 
     def __init__(self, hidden_dims, input_dim=3 * 32 * 32, num_classes=10, dropout=1, normalization=None, reg=0.0,
-                 weight_scale=1e-2, dtype=np.float32, seed=None, activation="relu", loss="softmax"):
+                 weight_scale=1e-2, dtype=np.float32, seed=None, activation="relu", loss="softmax",
+                 label_smoothing=0.0):
         """
         Inputs:
         - hidden_dims: list of hidden layer sizes (may be empty: a linear classifier)
@@ -32,6 +35,7 @@ class FullyConnectedNet:
         - dtype: dtype of every parameter and computation (float32 to train, float64 for gradient checks)
         - seed: makes the weight initialization and the dropout masks reproducible; None uses NumPy's global RNG
         - activation, loss: registered layer names
+        - label_smoothing: eps of label smoothing, for losses that take a `smoothing` keyword (softmax)
         """
         hidden_dims = list(hidden_dims)
         if any(int(h) != h or h < 1 for h in hidden_dims):
@@ -55,6 +59,11 @@ class FullyConnectedNet:
         self._activation = registry.get_layer("activation", activation)
         self._norm = registry.get_layer("normalization", normalization) if normalization is not None else None
         self._loss = registry.get_layer("loss", loss)
+        self.label_smoothing = label_smoothing
+        if label_smoothing and "smoothing" not in inspect.signature(self._loss.forward).parameters:
+            raise ValueError(f"label_smoothing needs a loss that supports it; the loss {loss!r} does not")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
 
         rng = np.random.default_rng(seed) if seed is not None else np.random
         dims = [self.input_dim, *hidden_dims, self.num_classes]
@@ -111,7 +120,10 @@ class FullyConnectedNet:
         if y is None:
             return scores
 
-        data_loss, dscores = self._loss.forward(scores, y)
+        if self.label_smoothing:
+            data_loss, dscores = self._loss.forward(scores, y, smoothing=self.label_smoothing)
+        else:
+            data_loss, dscores = self._loss.forward(scores, y)
         weights = [self.params[f"W{i}"] for i in range(1, L + 1)]
         loss = data_loss
         if self.reg:

@@ -1,0 +1,47 @@
+"""Data augmentation for image minibatches: random crops with padding and horizontal flips.
+
+The random choices for a whole global minibatch are drawn first (`draw`) and then applied to any slice of it
+(`apply`), so N processes that each hold a shard of the batch transform their rows exactly as one process would.
+Images are (N, C, H, W) floats after mean subtraction, so zero padding is padding with the mean image.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What to do to each training image: pad by `crop_padding` pixels and take a random crop of the original size
+    (0 disables crops); mirror left-right with probability `flip_probability`."""
+
+    crop_padding: int = 4
+    flip_probability: float = 0.5
+
+    def __post_init__(self):
+        if int(self.crop_padding) != self.crop_padding or self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be a non-negative integer, got {self.crop_padding!r}")
+        if not 0 <= self.flip_probability <= 1:
+            raise ValueError(f"flip_probability must be in [0, 1], got {self.flip_probability!r}")
+
+    def draw(self, rng, n):
+        """Random choices for n images: (flips (n,) bool, dy (n,) int, dx (n,) int), offsets in [0, 2 * padding]."""
+        flips = rng.random(n) < self.flip_probability
+        dy, dx = rng.integers(0, 2 * self.crop_padding + 1, size=(2, n))
+        return flips, dy, dx
+
+    def apply(self, X, choices):
+        """Transform the images X (n, C, H, W) by choices (from draw, sliced to the same n rows); returns a new array."""
+        flips, dy, dx = choices
+        if X.ndim != 4:
+            raise ValueError(f"augmentation needs images of shape (N, C, H, W), got {X.shape}")
+        p = self.crop_padding
+        if p:
+            padded = np.pad(X, ((0, 0), (0, 0), (p, p), (p, p)))
+            windows = sliding_window_view(padded, X.shape[2:], axis=(2, 3))  # (n, C, 2p+1, 2p+1, H, W), no copy
+            X = windows[np.arange(len(X)), :, dy, dx]  # gathers only the chosen window of each image
+        else:
+            X = X.copy()
+        X[flips] = X[flips, :, :, ::-1]
+        return X
