@@ -4,7 +4,8 @@ A communicator has `rank`, `size`, `is_root`, `allreduce(buf, op="sum")` and `bc
 contiguous NumPy array, returning it), `barrier()`, `abort(code=1)` and `local_size()` (processes on this machine).
 `SerialCommunicator` is the single process (size 1, never imports mpi4py); `MPICommunicator` wraps mpi4py's buffer
 calls (`Allreduce(MPI.IN_PLACE, ...)`, `Bcast`), so no object is ever pickled. `get_communicator()` picks the MPI world
-when an MPI launcher started more than one process, else the serial one.
+when an MPI launcher started more than one process, else the serial one. `FusedBuffer` lays several arrays (the
+gradients) out in one reusable buffer so that one collective moves them all.
 
 An MPI job must not hang when one rank fails: creating an `MPICommunicator` of size > 1 installs
 `install_abort_handler`, which turns an unhandled exception, SIGINT or SIGTERM on any rank into one message on stderr
@@ -325,12 +326,44 @@ def make_reducer(comm):
 reducer = make_reducer  # the name used in the original specification
 
 
-def check_in_sync(comm, flat_params):
+class FusedBuffer:
+    """Several arrays laid out back to back in one contiguous buffer (plus `extra` scalar slots), so that one
+    collective moves them all: allocated once, then reused every step.
+
+    Build it from a dict of arrays (name -> ndarray; the buffer has their common dtype). `views[name]` is a view of the
+    buffer shaped like arrays[name]; `extra` is the view of the trailing slots; `pack(arrays, scale)` writes
+    scale * arrays into the buffer (the only copy); after a collective on `buffer` the views hold the results.
+    """
+
+    def __init__(self, arrays, extra=0):
+        names = sorted(arrays)
+        self.shapes = {name: np.shape(arrays[name]) for name in names}
+        sizes = [int(np.prod(shape)) for shape in self.shapes.values()]
+        self.buffer = np.empty(sum(sizes) + extra, dtype=np.result_type(*(arrays[name].dtype for name in names)))
+        self.views, offset = {}, 0
+        for name, size in zip(names, sizes):
+            self.views[name] = self.buffer[offset:offset + size].reshape(self.shapes[name])
+            offset += size
+        self.extra = self.buffer[offset:]
+
+    def pack(self, arrays, scale=1):
+        """buffer <- scale * arrays (same names and shapes as at construction, else ValueError). Returns the buffer."""
+        if arrays.keys() != self.views.keys() or any(np.shape(arrays[k]) != s for k, s in self.shapes.items()):
+            got = {name: np.shape(value) for name, value in sorted(arrays.items())}
+            raise ValueError(f"the arrays changed since the fused buffer was laid out: expected {self.shapes}, "
+                             f"got {got}")
+        for name, view in self.views.items():
+            np.multiply(arrays[name], scale, out=view)
+        return self.buffer
+
+
+def check_in_sync(comm, flat_params, where=""):
     """Raise RuntimeError on every rank unless `flat_params` is bitwise identical on all ranks. Collective.
 
     Each rank hashes its buffer (8-byte BLAKE2b) and all hashes are gathered through one allreduce; the ranks that
-    disagree with the majority (ties: with rank 0) are named. Data-parallel replicas apply the same update to the same
-    reduced gradient, so any difference at all means they diverged.
+    disagree with the majority (ties: with rank 0) are named, and `where` (e.g. "after epoch 2") is added to the
+    message. Data-parallel replicas apply the same update to the same reduced gradient, so any difference at all means
+    they diverged.
     """
     data = np.ascontiguousarray(flat_params)
     digest = hashlib.blake2b(data.view(np.uint8).ravel(), digest_size=8).digest()
@@ -341,5 +374,5 @@ def check_in_sync(comm, flat_params):
     differ = [r for r in range(comm.size) if hashes[r] != reference]
     if differ:
         agree = [r for r in range(comm.size) if hashes[r] == reference]
-        raise RuntimeError(f"parameters differ across processes: rank(s) {differ} disagree with rank(s) {agree} "
-                           f"({data.size} values checked); the replicas have diverged")
+        raise RuntimeError(f"parameters differ across processes{' ' + where if where else ''}: rank(s) {differ} "
+                           f"disagree with rank(s) {agree} ({data.size} values checked); the replicas have diverged")

@@ -3,7 +3,10 @@
 Each step, every process draws the same global minibatch indices from the shared seed, takes its own shard, computes
 the gradient of its shard's mean loss, scales it by n_r / N, and all processes sum the scaled gradients (and the loss)
 in one fused in-place allreduce; then every process applies the update rule to its replica. A single process is the
-communicator of size 1: the same code, with the reduction skipped.
+communicator of size 1: the same code, with the reduction skipped. With several processes the reduced gradients are
+views of the fused buffer, which the next step overwrites: an update rule must not keep a reference to its `dw`
+(copy it if it needs it later; the built-in rules keep only arrays they compute). At the end of each epoch the
+replicas are checked to be bitwise identical (dpnet.distributed.check_in_sync).
 
 Monitors (see dpnet.monitor) receive `on_train_begin(solver)`, `on_iteration_end(solver, info)`,
 `on_epoch_end(solver, info)` and `on_train_end(solver, info)` on rank 0 only. The iteration info holds `iteration`
@@ -16,8 +19,7 @@ import time
 import numpy as np
 
 from . import registry
-from .distributed import SerialCommunicator, fault_injection_point, get_communicator, make_reducer
-from .distributed import check_in_sync
+from .distributed import FusedBuffer, check_in_sync, fault_injection_point, get_communicator, make_reducer
 
 _DEFAULTS = dict(update_rule="sgd", optim_config=None, lr_decay=1.0, batch_size=100, num_epochs=10,
                  num_train_samples=1000, num_val_samples=None, checkpoint_name=None, print_every=10, verbose=True,
@@ -75,7 +77,9 @@ class Solver:
         self._check_sizes()
 
         self.seed = self._shared_seed(options["seed"])
-        self._setup_model(options["sync_batchnorm"])
+        self.sync_batchnorm = options["sync_batchnorm"]
+        self._setup_model()
+        self._fused = None  # the gradient buffer of the allreduce, laid out at the first step
         self._reset()
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -105,6 +109,9 @@ class Solver:
         if self.batch_size < self.comm.size:
             raise ValueError(f"the global batch_size ({self.batch_size}) is smaller than the number of processes "
                              f"({self.comm.size}): every process needs at least one sample")
+        if len(self.y_train) < self.comm.size:
+            raise ValueError(f"the training set has {len(self.y_train)} samples, fewer than the number of processes "
+                             f"({self.comm.size}): every process needs at least one sample")
 
     def _shared_seed(self, seed):
         if seed is None:
@@ -113,12 +120,12 @@ class Solver:
         self.comm.bcast(buf)
         return int(buf[0])
 
-    def _setup_model(self, sync_batchnorm):
+    def _setup_model(self):
         """Make every replica start identical and wire the model's stateful layers to this Solver."""
-        for name in sorted(self.model.params):
+        for name in sorted(self.model.params):  # once per run: one Bcast per parameter is cheap enough
             self.model.params[name] = np.ascontiguousarray(self.model.params[name])
             self.comm.bcast(self.model.params[name])
-        reducer = make_reducer(self.comm) if sync_batchnorm else None
+        reducer = make_reducer(self.comm) if self.sync_batchnorm else None
         for param in getattr(self.model, "bn_params", []):
             param["reducer"] = reducer
 
@@ -182,22 +189,17 @@ class Solver:
         return float(loss), grads, len(indices)
 
     def _allreduce(self, loss, grads, weight):
-        """Sum weight * (grads, loss) over all processes in one fused buffer; grads are updated in place."""
-        names = sorted(grads)
-        sizes = [grads[name].size for name in names]
-        dtype = np.result_type(*(grads[name].dtype for name in names))
-        buf = np.empty(sum(sizes) + 1, dtype=dtype)
-        offset = 0
-        for name, size in zip(names, sizes):
-            np.multiply(grads[name].ravel(), weight, out=buf[offset:offset + size])
-            offset += size
-        buf[-1] = loss * weight
+        """Sum weight * (grads, loss) over all processes in one buffer, laid out at the first step and reused.
+
+        Packing (scaled) is the only copy: afterwards grads[name] are views of the buffer. Returns the summed loss.
+        """
+        if self._fused is None:
+            self._fused = FusedBuffer(grads, extra=1)
+        buf = self._fused.pack(grads, weight)
+        self._fused.extra[0] = loss * weight
         self.comm.allreduce(buf)
-        offset = 0
-        for name, size in zip(names, sizes):
-            grads[name] = buf[offset:offset + size].reshape(grads[name].shape)
-            offset += size
-        return buf[-1]
+        grads.update(self._fused.views)
+        return self._fused.extra[0]
 
     # ----------------------------------------------------------------------------------------------- evaluation
     def check_accuracy(self, X, y, num_samples=None, batch_size=100):
@@ -261,7 +263,25 @@ class Solver:
                                                 best_val_acc=self.best_val_acc))
         return self
 
+    def _norm_state(self):
+        """The float arrays of the normalization layers' state (running statistics), by "<layer>/<key>"."""
+        return {f"{i}/{key}": value for i, param in enumerate(getattr(self.model, "bn_params", []))
+                for key, value in param.items() if isinstance(value, np.ndarray) and value.dtype.kind == "f"}
+
+    def _average_norm_state(self):
+        """Without synchronized batchnorm each replica's running statistics follow its own shards: average them, so
+        that every process evaluates, and rank 0 saves, the same model."""
+        state = self._norm_state()
+        if state:
+            fused = FusedBuffer(state)
+            self.comm.allreduce(fused.pack(state, 1 / self.comm.size))
+            for name, view in fused.views.items():
+                i, key = name.split("/", 1)
+                self.model.bn_params[int(i)][key] = view.astype(state[name].dtype, copy=True)
+
     def _evaluate(self):
+        if self.comm.size > 1 and not self.sync_batchnorm:
+            self._average_norm_state()
         train_acc = self.check_accuracy(self.X_train, self.y_train, num_samples=self.num_train_samples)
         val_acc = self.check_accuracy(self.X_val, self.y_val, num_samples=self.num_val_samples)
         self.train_acc_history.append(train_acc)
@@ -272,7 +292,9 @@ class Solver:
 
     def _end_epoch(self):
         if self.comm.size > 1:
-            check_in_sync(self.comm, np.concatenate([self.model.params[k].ravel() for k in sorted(self.model.params)]))
+            state = {**self.model.params, **self._norm_state()}
+            check_in_sync(self.comm, np.concatenate([state[k].ravel() for k in sorted(state)]),
+                          where=f"after epoch {self.epoch} (iteration {self.iteration})")
         self._notify("on_epoch_end", self, dict(
             iteration=self.iteration, epoch=self.epoch, train_acc=self.train_acc_history[-1],
             val_acc=self.val_acc_history[-1], learning_rate=self.learning_rate))

@@ -24,3 +24,72 @@ def cifar10_dir():
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+# ----------------------------------------------------------------------------------------------- MPI jobs
+# Variables that would make a child think it was started by a launcher, or that would change what it does.
+_MPI_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "SLURM_", "HYDRA_")
+_MPI_SCRUBBED = ("DPNET_FAULT_INJECT", "DPNET_BLAS_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+MPI_SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
+
+
+@pytest.fixture(scope="session")
+def mpiexec():
+    """Path of the mpiexec next to this interpreter (the mpich wheel's), else of the one on PATH.
+
+    Without it or without mpi4py the test is skipped locally, but fails when $CI is set.
+    """
+    import shutil
+    import sys
+
+    local = Path(sys.executable).parent / "mpiexec"
+    found = str(local) if local.is_file() else shutil.which("mpiexec")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        found, why = None, "mpi4py is not installed (pip install dpnet[mpi])"
+    else:
+        why = "no mpiexec next to the interpreter nor on PATH (pip install dpnet[mpi])"
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    return found
+
+
+@pytest.fixture(scope="session")
+def run_mpi(mpiexec):
+    """run_mpi(n, script, *args, timeout=60, **env): run `mpiexec -n n python tests/mpi_scripts/<script> args...`.
+
+    The child gets a clean environment (no launcher or thread-count variables, this checkout first on PYTHONPATH)
+    plus `env`. Returns the subprocess.CompletedProcess with an added `elapsed` (seconds). A job still running after
+    `timeout` seconds is killed with its whole process group (no orphaned ranks left spinning) and the test fails.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(n, script, *args, timeout=60, **env):
+        child_env = {k: v for k, v in os.environ.items()
+                     if not k.startswith(_MPI_LAUNCHER_PREFIXES) and k not in _MPI_SCRUBBED}
+        child_env["PYTHONPATH"] = os.pathsep.join([str(repo)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        child_env.update(env)
+        cmd = [mpiexec, "-n", str(n), sys.executable, str(MPI_SCRIPTS / script), *map(str, args)]
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"{' '.join(cmd)} still running after {timeout} s (a hung job); killed it.\n"
+                        f"stdout:\n{stdout}\nstderr:\n{stderr}", pytrace=False)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        result.elapsed = time.monotonic() - start
+        return result
+
+    return run

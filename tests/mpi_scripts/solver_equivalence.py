@@ -1,0 +1,95 @@
+"""Data-parallel equivalence: `mpiexec -n N python solver_equivalence.py OUT.npz` trains every configuration of CASES
+with the Solver on the MPI world; rank 0 writes the results to OUT.npz. tests/test_solver_mpi.py imports this file and
+calls `run(case, SerialCommunicator())` for the one-process reference, so both sides share one definition.
+
+Every run: float64, no dropout, the same seed and global batch (50: uneven shards over 3 or 4 processes), 500 samples
+of shape (3, 4, 4) in 5 classes, 2 epochs of 10 steps (lr decay, L2 regularization, sampled train accuracy).
+"""
+
+import sys
+
+import numpy as np
+
+from dpnet.classifiers.fc_net import FullyConnectedNet
+from dpnet.data_utils import ImageArray
+from dpnet.solver import Solver
+
+SHAPE, CLASSES, NUM_TRAIN, NUM_VAL, BATCH, EPOCHS = (3, 4, 4), 5, 500, 70, 50, 2
+
+# name -> options: normalization, update rule, sync_batchnorm, lazy (uint8 ImageArray inputs)
+CASES = {
+    f"{norm or 'plain'}-{rule}": dict(normalization=norm, rule=rule)
+    for norm in (None, "batchnorm", "layernorm") for rule in ("sgd_momentum", "adam")
+}
+CASES["batchnorm-nosync-adam"] = dict(normalization="batchnorm", rule="adam", sync_batchnorm=False)
+CASES["lazy-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd_momentum", lazy=True)
+# Adam's epsilon is raised from 1e-8 so that it does not blow the rounding noise of zero-gradient parameters (the biases
+# feeding batchnorm) up to 1e-11-sized values that then shift the running means by 1e-10 relative in every run.
+OPTIM_CONFIGS = {"sgd_momentum": {"learning_rate": 0.05}, "adam": {"learning_rate": 2e-3, "epsilon": 1e-6}}
+
+
+def make_data(lazy=False):
+    """Gaussian blobs, one per class, quantized to uint8 images (so the lazy and the eager data are the same)."""
+    rng = np.random.default_rng(7)
+    centres = rng.uniform(60, 190, size=(CLASSES, *SHAPE))
+    data = {}
+    for split, n in (("train", NUM_TRAIN), ("val", NUM_VAL)):
+        y = rng.integers(CLASSES, size=n)
+        raw = np.clip(centres[y] + rng.normal(0, 40, size=(n, *SHAPE)), 0, 255).astype(np.uint8)
+        data[f"X_{split}"], data[f"y_{split}"] = raw, y
+    mean = data["X_train"].mean(axis=0)
+    for split in ("train", "val"):
+        images = ImageArray(data[f"X_{split}"], mean, dtype=np.float64)
+        data[f"X_{split}"] = images if lazy else np.asarray(images)
+    return data
+
+
+class _LastParams:
+    """A monitor keeping the parameters after the last step (train() then restores the best ones)."""
+
+    def on_epoch_end(self, solver, info):
+        self.params = {name: value.copy() for name, value in solver.model.params.items()}
+
+
+def run(case, comm):
+    """Train one case on `comm`; returns a dict of arrays (meaningful on every rank; written by rank 0)."""
+    options = CASES[case]
+    data = make_data(options.get("lazy", False))
+    model = FullyConnectedNet([20, 15], input_dim=int(np.prod(SHAPE)), num_classes=CLASSES,
+                              normalization=options["normalization"], reg=1e-3, weight_scale=0.05,
+                              dtype=np.float64, seed=0)
+    last = _LastParams()
+    solver = Solver(model, data, update_rule=options["rule"],
+                    optim_config=OPTIM_CONFIGS[options["rule"]], lr_decay=0.9,
+                    batch_size=BATCH, num_epochs=EPOCHS, num_train_samples=120, seed=3, comm=comm, verbose=False,
+                    monitors=[last], sync_batchnorm=options.get("sync_batchnorm", True))
+    solver.train()
+    out = {f"last/{name}": value for name, value in getattr(last, "params", {}).items()}
+    out.update({f"best/{name}": value for name, value in model.params.items()})
+    for i, param in enumerate(model.bn_params):
+        out.update({f"norm{i}/{key}": param[key] for key in ("running_mean", "running_var") if key in param})
+    out["loss_history"] = np.array(solver.loss_history)
+    out["train_acc_history"] = np.array(solver.train_acc_history)
+    out["val_acc_history"] = np.array(solver.val_acc_history)
+    out["check_accuracy"] = np.array([  # sharded evaluation: all samples, a sample of 37 in batches of 8
+        solver.check_accuracy(data["X_val"], data["y_val"]),
+        solver.check_accuracy(data["X_val"], data["y_val"], num_samples=37, batch_size=8),
+        solver.check_accuracy(data["X_train"], data["y_train"], num_samples=333, batch_size=64)])
+    return out
+
+
+def main(path):
+    from dpnet.distributed import get_communicator
+
+    comm = get_communicator()
+    assert comm.size > 1, "run me under mpiexec -n N with N > 1"
+    results = {}
+    for case in CASES:
+        out = run(case, comm)
+        results.update({f"{case}:{key}": value for key, value in out.items()})
+    if comm.rank == 0:
+        np.savez(path, size=comm.size, **results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

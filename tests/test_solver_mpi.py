@@ -1,0 +1,153 @@
+"""The data-parallel Solver under mpiexec: N processes compute what one process computes, and fail together.
+
+Each MPI test spawns `mpiexec -n N python tests/mpi_scripts/solver_*.py` (fixtures `run_mpi`/`mpiexec` in conftest.py):
+skipped locally without mpi4py or mpiexec, failed when $CI is set.
+"""
+
+import functools
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpnet.distributed import FusedBuffer, SerialCommunicator
+
+MPI_SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"mpi_scripts_{name}", MPI_SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+equivalence = _load_script("solver_equivalence")
+SYNCED = [case for case, options in equivalence.CASES.items() if options.get("sync_batchnorm", True)]
+
+
+@functools.lru_cache(maxsize=None)
+def serial_reference(case):
+    """The one-process run of `case` (the lazy case's reference reads the same data eagerly)."""
+    return equivalence.run(case.removeprefix("lazy-"), SerialCommunicator())
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda n: f"n{n}")
+def mpi_results(request, run_mpi, tmp_path_factory):
+    """All cases trained by `mpiexec -n N` (one job per N): {case: {key: array}}."""
+    n = request.param
+    path = tmp_path_factory.mktemp(f"solver_mpi_n{n}") / "results.npz"
+    result = run_mpi(n, "solver_equivalence.py", path, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with np.load(path) as archive:
+        assert int(archive["size"]) == n
+        results = {}
+        for key in archive.files:
+            if key != "size":
+                case, name = key.split(":", 1)
+                results.setdefault(case, {})[name] = archive[key]
+    return n, results
+
+
+def _relative_difference(a, b, scale=None):
+    """max |a - b| / max |b| (or / scale)."""
+    scale = np.max(np.abs(b)) if scale is None else scale
+    return np.max(np.abs(a - b)) / max(scale, np.finfo(b.dtype).tiny)
+
+
+def _scale(reference, key, case):
+    """What a parameter's difference is relative to: its own largest value, except for the biases feeding a batchnorm.
+
+    Batchnorm subtracts the batch mean, so such a bias has a zero gradient in exact arithmetic and stays 0: its
+    computed value is rounding noise (1e-19 after 20 sgd steps), meaningless relative to itself. It is measured on the
+    scale of its layer's weights instead.
+    """
+    match = re.fullmatch(r"(last|best)/b(\d+)", key)
+    if "batchnorm" in case and match and f"{match[1]}/gamma{match[2]}" in reference:
+        return np.max(np.abs(reference[f"{match[1]}/W{match[2]}"]))
+    return None
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", SYNCED)
+def test_n_processes_compute_what_one_process_computes(mpi_results, case):
+    """Same seed and global batch (50: uneven shards over 3 and 4 processes), float64, 20 steps: the same
+    parameters (after the last step and the best ones), batchnorm running statistics, loss history, and accuracies."""
+    n, results = mpi_results
+    ours, reference = results[case], serial_reference(case)
+    assert ours.keys() == reference.keys()
+    params = [key for key in reference if key.startswith(("last/", "best/", "norm"))]
+    assert len(params) >= 12 and ("batchnorm" not in case or "norm0/running_var" in params)
+    for key in params:
+        assert ours[key].shape == reference[key].shape and ours[key].dtype == np.float64, key
+        difference = _relative_difference(ours[key], reference[key], _scale(reference, key, case))
+        assert difference <= 1e-10, f"{key}: {difference:.2e}"
+    assert len(ours["loss_history"]) == equivalence.EPOCHS * equivalence.NUM_TRAIN // equivalence.BATCH == 20
+    np.testing.assert_allclose(ours["loss_history"], reference["loss_history"], rtol=1e-12, atol=0)
+    for key in ("train_acc_history", "val_acc_history", "check_accuracy"):  # sharded evaluation: exact counts
+        np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
+    assert reference["val_acc_history"][-1] > 0.5  # the runs learn something
+
+
+@pytest.mark.timeout(180)
+def test_unsynchronized_batchnorm_keeps_replicas_identical(mpi_results):
+    """sync_batchnorm=False: each shard normalizes with its own statistics (so the run is not the one-process run),
+    but the running statistics are averaged before evaluation and the replicas stay identical (the job's per-epoch
+    check_in_sync covers the running statistics too, so it would have failed)."""
+    n, results = mpi_results
+    ours, reference = results["batchnorm-nosync-adam"], serial_reference("batchnorm-nosync-adam")
+    assert _relative_difference(ours["loss_history"][1:], reference["loss_history"][1:]) > 1e-8
+    np.testing.assert_allclose(ours["loss_history"], reference["loss_history"], rtol=0.2)
+
+
+@pytest.mark.timeout(60)
+def test_an_error_on_one_rank_ends_the_job(run_mpi):
+    result = run_mpi(3, "solver_faults.py", "fault", timeout=30, DPNET_FAULT_INJECT="rank=1,step=5")
+    assert result.returncode != 0
+    assert result.elapsed < 15, f"the job took {result.elapsed:.1f} s to die"
+    assert "dpnet: rank 1 of 3 failed with an unhandled RuntimeError" in result.stderr, result.stderr
+    assert "injected fault on rank 1 at step 5" in result.stderr
+    assert "finished" not in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_diverging_loss_stops_every_rank_at_the_same_iteration(run_mpi, tmp_path):
+    result = run_mpi(2, "solver_faults.py", "nan", tmp_path, timeout=30)
+    assert result.returncode != 0
+    assert result.elapsed < 15, f"the job took {result.elapsed:.1f} s to die"
+    assert "failed with an unhandled FloatingPointError" in result.stderr, result.stderr
+    reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]  # each rank wrote why it stopped
+    iterations = {re.search(r"FloatingPointError: .* at iteration (\d+)", text).group(1) for text in reports}
+    assert len(iterations) == 1, reports
+    assert "finished" not in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_diverged_replica_is_detected_at_the_end_of_the_epoch(run_mpi):
+    """Rank 1 of 3 perturbs one weight by 1e-3 at iteration 3; epoch 1 ends at iteration 10 (300 samples, batch 30)."""
+    result = run_mpi(3, "solver_faults.py", "diverge", timeout=30)
+    assert result.returncode != 0
+    assert result.elapsed < 15
+    assert ("parameters differ across processes after epoch 1 (iteration 10): rank(s) [1] disagree with "
+            "rank(s) [0, 2]") in result.stderr, result.stderr
+    assert "finished" not in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------- in one process
+def test_fused_buffer_packs_scaled_arrays_and_hands_back_views():
+    grads = {"W": np.arange(6.0).reshape(2, 3), "b": np.array([1.0, 2.0]), "a": np.ones((2, 2, 1))}
+    fused = FusedBuffer(grads, extra=1)
+    buf = fused.pack(grads, 0.5)
+    assert buf is fused.buffer and buf.shape == (13,) and buf.flags.c_contiguous
+    assert np.array_equal(buf[:12], np.concatenate([0.5 * grads[k].ravel() for k in ("W", "a", "b")]))
+    for name, view in fused.views.items():
+        assert view.shape == grads[name].shape and np.shares_memory(view, buf)
+    fused.extra[0] = 7
+    assert buf[-1] == 7
+    assert fused.pack({k: v.astype(np.float32) for k, v in grads.items()}) is buf  # cast into the buffer's dtype
+    with pytest.raises(ValueError, match="changed"):
+        fused.pack({"W": grads["W"], "b": grads["b"]})
+    with pytest.raises(ValueError, match="changed"):
+        fused.pack({**grads, "b": np.ones(3)})
