@@ -93,3 +93,9 @@ def run_mpi(mpiexec):
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def dpnet_cache_dir(tmp_path_factory):
+    """A DPNET_CACHE_DIR for the whole test session (the uint8 image cache of CIFAR-10 is built once)."""
+    return tmp_path_factory.mktemp("dpnet-cache")
