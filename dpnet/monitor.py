@@ -185,15 +185,15 @@ class ProgressMonitor(Monitor):
         self.stream = stream
         self.bar_enabled = (not quiet and sys.stderr.isatty()) if bar is None else bar
         self._bar = None
-        self._losses = []
-        self._start = None
+        self._losses, self._start, self._samples = [], None, 0
 
     def _print(self, text):
         print(text, file=self.stream or sys.stdout, flush=True)
 
+    def on_train_begin(self, solver):
+        self._start, self._samples = time.perf_counter(), 0
+
     def on_iteration_end(self, solver, info):
-        if self._start is None:
-            self._start, self._samples = time.perf_counter(), 0
         self._losses.append(info["loss"])
         self._samples += info["batch_size"]
         if self.bar_enabled:
@@ -203,12 +203,13 @@ class ProgressMonitor(Monitor):
                 done = (info["iteration"] - 1) % solver.iterations_per_epoch
                 self._bar = tqdm(total=solver.iterations_per_epoch, initial=done, leave=False, unit="it",
                                  desc=f"epoch {info['epoch'] + 1}/{solver.num_epochs}", dynamic_ncols=True)
-            self._bar.set_postfix_str(f"loss {info['loss']:.4f}, {info['samples_per_sec']:.0f} samples/s",
-                                      refresh=False)
+            rate = self._samples / max(time.perf_counter() - self._start, 1e-9)  # this epoch's, steadier than a step's
+            self._bar.set_postfix_str(f"loss {info['loss']:.4f}, {rate:.0f} samples/s", refresh=False)
             self._bar.update(1)
 
     def on_epoch_end(self, solver, info):
-        seconds = time.perf_counter() - self._start if self._start is not None else float("nan")
+        """Prints the epoch's mean loss, accuracies, learning rate and wall time (epoch times add up to the run's)."""
+        seconds = time.perf_counter() - self._start
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -217,7 +218,7 @@ class ProgressMonitor(Monitor):
             self._print(f"epoch {info['epoch']}/{solver.num_epochs}: loss {loss:.4f}, train acc "
                         f"{info['train_acc']:.4f}, val acc {info['val_acc']:.4f}, lr {info['learning_rate']:.3g}, "
                         f"{seconds:.3g} s ({self._samples / seconds:.0f} samples/s)")
-        self._losses, self._start = [], None
+        self._losses, self._start, self._samples = [], time.perf_counter(), 0
 
     def on_train_end(self, solver, info):
         if self._bar is not None:

@@ -428,7 +428,8 @@ def _final_report(comm, solver, config, test_acc, tensorboard, seconds):
               flush=True)
     minutes, secs = divmod(seconds, 60)
     print(f"test accuracy {test_acc:.4f} (best validation accuracy {solver.best_val_acc:.4f}; {solver.epoch} "
-          f"epochs, {int(minutes)}m{secs:04.1f}s on {comm.size} process{'es' * (comm.size > 1)})", flush=True)
+          f"epoch{'s' * (solver.epoch != 1)}, {int(minutes)}m{secs:04.1f}s on {comm.size} "
+          f"process{'es' * (comm.size > 1)})", flush=True)
     if not config["quiet"]:
         ckdir = config["checkpoint_dir"]
         print(f"logs: {config['logdir']}" + (f"  plot: {plot}" if plot else ""))
