@@ -57,8 +57,7 @@ class TensorBoardMonitor(Monitor):
 
     Events are written synchronously, so everything up to the last epoch end is on disk when the process dies.
     `purge_step` (a resumed run: its first iteration) tells TensorBoard to drop what a killed run wrote from that
-    step on. Gradients are read from `info['grads']` when the Solver provides it, else captured from the model's
-    `loss` (which the monitor wraps between on_train_begin and on_train_end).
+    step on. Gradient histograms use `info['grads']` of the epoch's last iteration.
     """
 
     def __init__(self, logdir, config_text=None, purge_step=None):
@@ -67,7 +66,6 @@ class TensorBoardMonitor(Monitor):
         self.purge_step = purge_step
         self._writer = None
         self._grads = None
-        self._wrapped = None
 
     def _open(self):
         if self._writer is None:
@@ -128,7 +126,6 @@ class TensorBoardMonitor(Monitor):
         self._open()
         if self.config_text:
             self.text("config", self.config_text, solver.iteration)
-        self._capture_grads(solver.model)
         self.flush()
 
     def on_iteration_end(self, solver, info):
@@ -137,8 +134,7 @@ class TensorBoardMonitor(Monitor):
         self.scalar("train/learning_rate", info["learning_rate"], step)
         self.scalar("train/grad_norm", info["grad_norm"], step)
         self.scalar("train/samples_per_sec", info["samples_per_sec"], step)
-        if info.get("grads") is not None:
-            self._grads = info["grads"]
+        self._grads = info["grads"]
 
     def on_epoch_end(self, solver, info):
         step = info["iteration"]
@@ -151,28 +147,7 @@ class TensorBoardMonitor(Monitor):
         self.flush()
 
     def on_train_end(self, solver, info):
-        if self._wrapped is not None:
-            model, had_own = self._wrapped
-            del model.loss
-            if had_own is not None:
-                model.loss = had_own
-            self._wrapped = None
         self.flush()
-
-    def _capture_grads(self, model):
-        """Keep the gradient dict of each training step. The Solver averages gradients across processes into that
-        same dict, so after the step it holds what the update used."""
-        had_own = model.__dict__.get("loss")
-        original = model.loss
-
-        def loss(X, y=None):
-            out = original(X, y)
-            if y is not None:
-                self._grads = out[1]
-            return out
-
-        model.loss = loss
-        self._wrapped = (model, had_own)
 
 
 # ----------------------------------------------------------------------------------------------- progress

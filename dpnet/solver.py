@@ -10,8 +10,8 @@ replicas are checked to be bitwise identical (dpnet.distributed.check_in_sync).
 
 Monitors (see dpnet.monitor) receive `on_train_begin(solver)`, `on_iteration_end(solver, info)`,
 `on_epoch_end(solver, info)` and `on_train_end(solver, info)` on rank 0 only. The iteration info holds `iteration`
-(1-based), `epoch` (completed epochs), `loss`, `learning_rate`, `grad_norm`, `batch_size`, `step_seconds` and
-`samples_per_sec`; the epoch info holds `iteration`, `epoch`, `train_acc`, `val_acc` and `learning_rate`.
+(1-based), `epoch` (completed epochs), `loss`, `learning_rate`, `grads` (the averaged gradients, valid during the
+call), `grad_norm`, `batch_size`, `step_seconds` and `samples_per_sec`; the epoch info holds `iteration`, `epoch`, `train_acc`, `val_acc` and `learning_rate`.
 """
 
 import time
@@ -241,7 +241,8 @@ class Solver:
             if self.monitors:
                 self._notify("on_iteration_end", self, dict(
                     iteration=t, epoch=self.epoch, loss=loss, learning_rate=self.learning_rate,
-                    grad_norm=float(np.sqrt(sum(np.vdot(g, g) for g in grads.values()))), batch_size=batch,
+                    grads=grads, grad_norm=float(np.sqrt(sum(np.vdot(g, g) for g in grads.values()))),
+                    batch_size=batch,
                     step_seconds=seconds, samples_per_sec=batch / seconds if seconds > 0 else float("inf")))
             epoch_end = t % self.iterations_per_epoch == 0
             if epoch_end:
