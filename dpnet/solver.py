@@ -23,7 +23,8 @@ from .distributed import FusedBuffer, check_in_sync, fault_injection_point, get_
 
 _DEFAULTS = dict(update_rule="sgd", optim_config=None, lr_decay=1.0, batch_size=100, num_epochs=10,
                  num_train_samples=1000, num_val_samples=None, checkpoint_name=None, print_every=10, verbose=True,
-                 seed=None, comm=None, monitors=(), sync_batchnorm=True)
+                 seed=None, comm=None, monitors=(), sync_batchnorm=True, augment=None, lr_schedule=None,
+                 weight_decay=0.0)
 
 
 class Solver:
@@ -48,6 +49,11 @@ class Solver:
     - comm: a communicator from dpnet.distributed; None picks the MPI world when launched by mpiexec, else serial
     - monitors: objects receiving the training events (rank 0 only)
     - sync_batchnorm: with more than one process, batch statistics are those of the global batch (default True)
+    - augment: a dpnet.augment.Augmentation applied to every training minibatch as it is drawn (None: none)
+    - lr_schedule: a callable factor(iteration) multiplying optim_config['learning_rate'] at every iteration (see
+      dpnet.schedules); replaces lr_decay
+    - weight_decay: decoupled weight decay: after each update, weights (parameters with two or more dimensions, not
+      biases or normalization scales) shrink by learning_rate * weight_decay times themselves
     """
 
     def __init__(self, model, data, **kwargs):
@@ -75,6 +81,11 @@ class Solver:
         self.verbose = options["verbose"] and self.comm.rank == 0
         self.monitors = list(options["monitors"]) if self.comm.rank == 0 else []
         self._check_sizes()
+
+        self.augment = options["augment"]
+        self.lr_schedule = options["lr_schedule"]
+        self.weight_decay = float(options["weight_decay"])
+        self._check_recipe()
 
         self.seed = self._shared_seed(options["seed"])
         self.sync_batchnorm = options["sync_batchnorm"]
@@ -113,6 +124,18 @@ class Solver:
             raise ValueError(f"the training set has {len(self.y_train)} samples, fewer than the number of processes "
                              f"({self.comm.size}): every process needs at least one sample")
 
+    def _check_recipe(self):
+        if self.augment is not None and getattr(self.X_train, "ndim", 0) != 4:
+            raise ValueError(f"augment needs images of shape (N, C, H, W); data['X_train'] has shape "
+                             f"{self.X_train.shape}")
+        if self.lr_schedule is not None:
+            if self.lr_decay != 1.0:
+                raise ValueError("give lr_decay or lr_schedule, not both")
+            if "learning_rate" not in self.optim_config:
+                raise ValueError("lr_schedule needs optim_config['learning_rate'], the rate it scales")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
     def _shared_seed(self, seed):
         if seed is None:
             seed = np.random.SeedSequence().entropy % 2**63
@@ -139,7 +162,9 @@ class Solver:
         self.train_acc_history = []
         self.val_acc_history = []
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
+        self.final_params = {}
         self._epoch_order = None
+        self._streams_epoch = None
 
     # ----------------------------------------------------------------------------------------------- steps
     @property
@@ -159,34 +184,59 @@ class Solver:
         epoch, j = divmod(self.iteration, self.iterations_per_epoch)
         if j == 0 or self._epoch_order is None:
             self._epoch_order = self._stream(0, epoch).permutation(len(self.y_train))
+        if self._streams_epoch != epoch:
+            self._streams_epoch = epoch
+            self._augment_rng = self._stream(3, epoch)  # draws for the whole global batch: the same on all ranks
             dropout_param = getattr(self.model, "dropout_param", None)
             if dropout_param is not None:
                 # Each process draws the dropout masks of its own shard, from its own stream.
                 dropout_param["rng"] = self._stream(1, epoch, self.comm.rank)
         return self._epoch_order[j * self.batch_size:(j + 1) * self.batch_size]
 
-    def _shard(self, indices):
-        n, r, size = len(indices), self.comm.rank, self.comm.size
-        return indices[r * n // size:(r + 1) * n // size]
+    def _my_rows(self, n):
+        """This process's part of n rows: contiguous, sizes differing by at most one."""
+        r, size = self.comm.rank, self.comm.size
+        return slice(r * n // size, (r + 1) * n // size)
+
+    def _minibatch(self):
+        """This process's shard of the iteration's global minibatch: (X, y, global batch size)."""
+        indices = self._batch_indices()
+        n = len(indices)
+        mine = self._my_rows(n)
+        order = np.argsort(indices[mine])  # sorted rows gather faster; the mean does not depend on order
+        shard = indices[mine][order]
+        X = self.X_train[shard]
+        if self.augment is not None:
+            choices = self.augment.draw(self._augment_rng, n)
+            X = self.augment.apply(X, tuple(c[mine][order] for c in choices))
+        return X, self.y_train[shard], n
 
     def _step(self):
         """One update: gradients of the global minibatch, averaged over processes, then the update rule."""
-        indices = self._batch_indices()
-        shard = np.sort(self._shard(indices))  # sorted rows gather faster; the mean does not depend on order
+        X, y, batch = self._minibatch()
         fault_injection_point(self.comm, self.iteration)
+        if self.lr_schedule is not None:
+            rate = self.optim_config["learning_rate"] * self.lr_schedule(self.iteration)
+            for config in self.optim_configs.values():
+                config["learning_rate"] = rate
         try:
-            loss, grads = self.model.loss(self.X_train[shard], self.y_train[shard])
+            loss, grads = self.model.loss(X, y)
         except FloatingPointError as exc:
             raise FloatingPointError(f"{exc}, at iteration {self.iteration + 1}") from exc
         if self.comm.size > 1:
-            loss = self._allreduce(loss, grads, len(shard) / len(indices))
+            loss = self._allreduce(loss, grads, len(y) / batch)
         if not np.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at iteration {self.iteration + 1}: stopping "
                                      "(try a smaller learning rate)")
         for name, w in self.model.params.items():
-            next_w, self.optim_configs[name] = self._rule(w, grads[name], self.optim_configs[name])
-            self.model.params[name] = next_w
-        return float(loss), grads, len(indices)
+            next_w, config = self._rule(w, grads[name], self.optim_configs[name])
+            if self.weight_decay and w.ndim >= 2:
+                if "learning_rate" not in config:
+                    raise ValueError("weight_decay scales with the learning rate, but the update rule's config "
+                                     "has no 'learning_rate'")
+                next_w -= (config["learning_rate"] * self.weight_decay) * w
+            self.model.params[name], self.optim_configs[name] = next_w, config
+        return float(loss), grads, batch
 
     def _allreduce(self, loss, grads, weight):
         """Sum weight * (grads, loss) over all processes in one buffer, laid out at the first step and reused.
@@ -213,7 +263,7 @@ class Solver:
         indices = np.arange(N)
         if num_samples is not None and N > num_samples:
             indices = np.sort(self._stream(2, self.iteration, N).choice(N, num_samples, replace=False))
-        mine = self._shard(indices)
+        mine = indices[self._my_rows(len(indices))]
         correct = 0
         for start in range(0, len(mine), batch_size):
             rows = mine[start:start + batch_size]
@@ -258,6 +308,7 @@ class Solver:
                 print(f"(Epoch {self.epoch} / {self.num_epochs}) (Iteration {t} / {num_iterations}) "
                       f"loss: {loss:f} train acc: {self.train_acc_history[-1]:f} "
                       f"val_acc: {self.val_acc_history[-1]:f}")
+        self.final_params = {name: value.copy() for name, value in self.model.params.items()}
         for name, value in self.best_params.items():
             self.model.params[name] = value.copy()
         self._notify("on_train_end", self, dict(iteration=self.iteration, epoch=self.epoch,

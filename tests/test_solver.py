@@ -209,3 +209,85 @@ def test_checkpoint_write_is_atomic(data, tmp_path, monkeypatch):
 def test_checkpoint_name_writes_one_file_per_epoch(data, tmp_path):
     Solver(_model(), data, batch_size=100, num_epochs=2, checkpoint_name=str(tmp_path / "ck"), verbose=False).train()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck_epoch_1.npz", "ck_epoch_2.npz"]
+
+
+def test_augmentation_changes_batches_reproducibly(data):
+    from dpnet.augment import Augmentation
+
+    def run(augment, seed=0):
+        solver = Solver(_model(), data, batch_size=30, num_epochs=1, seed=seed, verbose=False, augment=augment,
+                        optim_config={"learning_rate": 0.05})
+        return solver.train().loss_history
+
+    plain, augmented = run(None), run(Augmentation(crop_padding=1))
+    assert plain != augmented
+    assert augmented == run(Augmentation(crop_padding=1))
+
+
+def test_augmentation_needs_images(data):
+    from dpnet.augment import Augmentation
+
+    flat = dict(data, X_train=data["X_train"].reshape(300, -1), X_val=data["X_val"].reshape(60, -1))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        Solver(_model(), flat, augment=Augmentation())
+
+
+def test_lr_schedule_sets_the_rate_of_every_iteration(data):
+    from dpnet.schedules import make_schedule
+
+    schedule = make_schedule("cosine", total_iterations=20, warmup_iterations=4)
+    seen = []
+
+    class Watch:
+        def on_iteration_end(self, solver, info):
+            seen.append(info["learning_rate"])
+
+    Solver(_model(), data, update_rule="sgd_momentum", optim_config={"learning_rate": 0.1}, lr_schedule=schedule,
+           batch_size=30, num_epochs=2, monitors=[Watch()], verbose=False).train()
+    assert seen == pytest.approx([0.1 * schedule(t) for t in range(20)])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr_schedule=lambda t: 1.0, lr_decay=0.9, optim_config={"learning_rate": 0.1}), "not both"),
+    (dict(lr_schedule=lambda t: 1.0), "learning_rate"),
+    (dict(weight_decay=-1), "weight_decay"),
+])
+def test_recipe_errors(data, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Solver(_model(), data, **kwargs)
+
+
+def test_decoupled_weight_decay_shrinks_weights_only(data):
+    def still(w, dw, config=None):
+        config = {} if config is None else config
+        config.setdefault("learning_rate", 0.1)
+        return w.copy(), config
+
+    model = _model(normalization="batchnorm")
+    model.params["b1"] += 1.0
+    before = {k: v.copy() for k, v in model.params.items()}
+    Solver(model, data, update_rule=still, weight_decay=0.5, batch_size=300, num_epochs=1, verbose=False)._step()
+    for name, value in model.params.items():
+        expected = before[name] * (1 - 0.1 * 0.5) if value.ndim >= 2 else before[name]
+        np.testing.assert_allclose(value, expected, rtol=1e-15, err_msg=name)
+
+    def no_rate(w, dw, config=None):
+        return w.copy(), {}
+
+    with pytest.raises(ValueError, match="no 'learning_rate'"):
+        Solver(_model(), data, update_rule=no_rate, weight_decay=0.5, verbose=False)._step()
+
+
+def test_final_params_are_the_last_state(data):
+    solver = Solver(_model(), data, optim_config={"learning_rate": 0.05}, batch_size=30, num_epochs=2,
+                    verbose=False)
+    last = {}
+
+    class Keep:
+        def on_epoch_end(self, s, info):
+            last.update({k: v.copy() for k, v in s.model.params.items()})
+
+    solver.monitors.append(Keep())
+    solver.train()
+    for name in last:
+        np.testing.assert_array_equal(solver.final_params[name], last[name])
