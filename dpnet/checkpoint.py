@@ -1,8 +1,9 @@
 """Checkpoints: a Solver's whole state in one .npz, written atomically and read without pickle.
 
 Arrays are stored under `param/<name>`, `best/<name>`, `norm/<i>/<key>` (normalization state such as running
-statistics), `optim/<name>/<key>` (update-rule state) and `epoch_order`; everything else (counters, histories,
-scalars of the rule configs, the seed, the run's configuration) is one JSON document under `meta`.
+statistics), `best_norm/<i>/<key>` (the normalization state that went with the best parameters),
+`optim/<name>/<key>` (update-rule state) and `epoch_order`; everything else (counters, histories, scalars of the rule
+configs, the seed, the run's configuration) is one JSON document under `meta`.
 Floats round-trip exactly through JSON, and the Solver derives its random streams from (seed, epoch), so a run
 resumed from a checkpoint taken at an epoch boundary continues bit for bit.
 """
@@ -40,6 +41,7 @@ def solver_state(solver, config=None):
     model = solver.model
     arrays = {f"param/{name}": value for name, value in model.params.items()}
     arrays.update({f"best/{name}": value for name, value in solver.best_params.items()})
+    arrays.update({f"best_norm/{name}": value for name, value in solver.best_norm_state.items()})
     for i, param in enumerate(getattr(model, "bn_params", [])):
         arrays.update({f"norm/{i}/{key}": value for key, value in param.items() if isinstance(value, np.ndarray)})
     optim_scalars = {}
@@ -133,6 +135,8 @@ def restore_checkpoint(solver, path):
     for name in model.params:
         model.params[name] = arrays[f"param/{name}"].copy()
     solver.best_params = {key[len("best/"):]: value for key, value in arrays.items() if key.startswith("best/")}
+    solver.best_norm_state = {key[len("best_norm/"):]: value for key, value in arrays.items()
+                              if key.startswith("best_norm/")}
     for i, param in enumerate(getattr(model, "bn_params", [])):
         prefix = f"norm/{i}/"
         param.update({key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)})

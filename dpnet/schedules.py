@@ -7,17 +7,22 @@ import math
 
 
 def make_schedule(name="constant", total_iterations=None, warmup_iterations=0, decay=0.1, milestones=(),
-                  final_factor=0.0):
+                  final_factor=0.0, iterations_per_epoch=None):
     """Build a schedule.
 
-    - name: 'constant'; 'step' (multiply by `decay` at each iteration in `milestones`); 'cosine' (from 1 down to
-      `final_factor` over `total_iterations`, by half a cosine wave)
+    - name: 'constant'; 'exponential' (multiply by `decay` after every epoch of `iterations_per_epoch`, as the
+      Solver's lr_decay does); 'step' (multiply by `decay` at each iteration in `milestones`); 'cosine' (from 1 down
+      to `final_factor` over `total_iterations`, by half a cosine wave)
     - warmup_iterations: the factor rises linearly from 1/warmup to 1 over these first iterations (any schedule)
     """
     if warmup_iterations < 0:
         raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}")
     if name == "constant":
         main = _constant
+    elif name == "exponential":
+        if not iterations_per_epoch or iterations_per_epoch < 1:
+            raise ValueError("the exponential schedule needs iterations_per_epoch >= 1")
+        main = lambda t: decay ** (t // iterations_per_epoch)  # noqa: E731
     elif name == "step":
         milestones = sorted(int(m) for m in milestones)
         main = lambda t: decay ** sum(t >= m for m in milestones)  # noqa: E731
@@ -28,7 +33,8 @@ def make_schedule(name="constant", total_iterations=None, warmup_iterations=0, d
         main = lambda t: final_factor + (1 - final_factor) * 0.5 * (  # noqa: E731
             1 + math.cos(math.pi * min(max(t - warmup_iterations, 0), span) / span))
     else:
-        raise ValueError(f"unknown learning-rate schedule {name!r}: choose 'constant', 'step' or 'cosine'")
+        raise ValueError(f"unknown learning-rate schedule {name!r}: choose 'constant', 'exponential', 'step' or "
+                         "'cosine'")
     if warmup_iterations == 0:
         return main
     return lambda t: main(t) * min(1.0, (t + 1) / warmup_iterations)

@@ -158,11 +158,13 @@ class Solver:
         self.iteration = 0
         self.best_val_acc = 0
         self.best_params = {}
+        self.best_norm_state = {}
         self.loss_history = []
         self.train_acc_history = []
         self.val_acc_history = []
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
         self.final_params = {}
+        self.final_norm_state = {}
         self._epoch_order = None
         self._streams_epoch = None
 
@@ -277,7 +279,8 @@ class Solver:
     def train(self):
         """Run the optimization until num_epochs are done (continuing where a restored checkpoint left off).
 
-        At the end the model holds the parameters with the best validation accuracy (best_params).
+        At the end the model holds the parameters with the best validation accuracy (best_params), with the
+        normalization state (running statistics) they were evaluated with; use_params("final") switches to the last.
         """
         num_iterations = self.num_epochs * self.iterations_per_epoch
         self._notify("on_train_begin", self)
@@ -309,11 +312,22 @@ class Solver:
                       f"loss: {loss:f} train acc: {self.train_acc_history[-1]:f} "
                       f"val_acc: {self.val_acc_history[-1]:f}")
         self.final_params = {name: value.copy() for name, value in self.model.params.items()}
-        for name, value in self.best_params.items():
-            self.model.params[name] = value.copy()
+        self.final_norm_state = {name: value.copy() for name, value in self._norm_state().items()}
+        self.use_params("best")
         self._notify("on_train_end", self, dict(iteration=self.iteration, epoch=self.epoch,
                                                 best_val_acc=self.best_val_acc))
         return self
+
+    def use_params(self, which):
+        """Load the "best" (by validation accuracy) or the "final" parameters and normalization state into the
+        model (both are known once train() has returned)."""
+        params, norm = {"best": (self.best_params, self.best_norm_state),
+                        "final": (self.final_params, self.final_norm_state)}[which]
+        for name, value in params.items():
+            self.model.params[name] = value.copy()
+        for name, value in norm.items():
+            i, key = name.split("/", 1)
+            self.model.bn_params[int(i)][key] = value.copy()
 
     def _norm_state(self):
         """The float arrays of the normalization layers' state (running statistics), by "<layer>/<key>"."""
@@ -341,6 +355,7 @@ class Solver:
         if val_acc > self.best_val_acc or not self.best_params:
             self.best_val_acc = val_acc
             self.best_params = {name: value.copy() for name, value in self.model.params.items()}
+            self.best_norm_state = {name: value.copy() for name, value in self._norm_state().items()}
 
     def _end_epoch(self):
         if self.comm.size > 1:

@@ -45,6 +45,13 @@ DEFAULTS = dict(
     update_rule="adam",
     lr=1e-3,
     lr_decay=0.95,
+    lr_schedule="exponential",
+    lr_milestones=[],
+    warmup_epochs=0.0,
+    weight_decay=0.0,
+    label_smoothing=0.0,
+    augment=False,
+    crop_padding=4,
     batch_size=256,
     epochs=60,
     dtype="float32",
@@ -72,7 +79,15 @@ FLAGS = {
     "loss": ("str", "loss function: softmax or svm"),
     "update_rule": ("str", "update rule: sgd, sgd_momentum, rmsprop or adam (plugins add more)"),
     "lr": ("float", "initial learning rate"),
-    "lr_decay": ("float", "factor applied to the learning rate after every epoch"),
+    "lr_decay": ("float", "learning-rate factor: after every epoch (exponential), or at each milestone (step)"),
+    "lr_schedule": ("str", "learning-rate schedule: exponential (times --lr-decay every epoch), step (times "
+                           "--lr-decay at each of --lr-milestones) or cosine (down to 0 at the last epoch)"),
+    "lr_milestones": ("ints", "epochs after which the step schedule multiplies the learning rate by --lr-decay"),
+    "warmup_epochs": ("float", "linear learning-rate warm-up over this many epochs (any schedule)"),
+    "weight_decay": ("float", "decoupled weight decay: weights shrink by lr * weight_decay every step"),
+    "label_smoothing": ("float", "label smoothing of the softmax loss: the target puts this mass on all classes"),
+    "augment": ("bool", "augment training images: random crops with --crop-padding and horizontal flips"),
+    "crop_padding": ("int", "padding in pixels of the random crops of --augment"),
     "batch_size": ("int", "global minibatch size, split across the processes"),
     "epochs": ("int", "number of passes over the training images (with --resume: the total, to train longer)"),
     "dtype": ("str", "floating-point type of the parameters and computations: float32 or float64"),
@@ -92,6 +107,7 @@ RESUME_MAY_CHANGE = {"data_dir", "download", "epochs", "logdir", "checkpoint_dir
 # Where the run is, not what it is: left out of config.toml and of the hyper-parameters.
 _LOCATION_KEYS = ("data_dir", "download", "logdir", "checkpoint_dir", "resume", "quiet", "blas_threads")
 DTYPES = ("float32", "float64")
+SCHEDULES = ("exponential", "step", "cosine")
 NUM_VALIDATION = 1000
 NUM_TRAIN_MAX = 50000 - NUM_VALIDATION
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -143,7 +159,7 @@ def build_parser(rank=0):
         shown = "off" if default is False else _shown(default)
         help_text = text if default is None else f"{text} (default: {shown})"  # None: the text says it
         if kind == "bool":
-            parser.add_argument(flag(key), action="store_true", help=help_text)
+            parser.add_argument(flag(key), action=argparse.BooleanOptionalAction, help=help_text)
         elif kind == "ints":
             parser.add_argument(flag(key), nargs="*", type=int, metavar="N", help=help_text)
         else:
@@ -240,6 +256,14 @@ def check_config(config, num_processes):
     need(config["weight_scale"] > 0, "weight_scale", "> 0")
     need(config["lr"] > 0, "lr", "> 0")
     need(config["lr_decay"] > 0, "lr_decay", "> 0")
+    need(config["lr_schedule"] in SCHEDULES, "lr_schedule", f"one of {', '.join(SCHEDULES)}")
+    need(all(m >= 1 for m in config["lr_milestones"]), "lr_milestones", "positive epoch numbers")
+    need(config["warmup_epochs"] >= 0, "warmup_epochs", ">= 0")
+    need(config["weight_decay"] >= 0, "weight_decay", ">= 0")
+    need(0 <= config["label_smoothing"] < 1, "label_smoothing", "in [0, 1)")
+    need(config["crop_padding"] >= 0, "crop_padding", ">= 0")
+    need(config["label_smoothing"] == 0 or config["loss"] == "softmax", "label_smoothing",
+         "0 with a loss other than softmax")
     need(config["batch_size"] >= 1, "batch_size", "a positive integer")
     need(config["epochs"] >= 1, "epochs", "a positive integer")
     need(config["checkpoint_every"] >= 0, "checkpoint_every", ">= 0")
@@ -383,7 +407,18 @@ def build_model(config):
     norm = None if config["normalization"] == "none" else config["normalization"]
     return FullyConnectedNet(config["hidden_dims"], dropout=config["dropout"], normalization=norm, reg=config["reg"],
                              weight_scale=config["weight_scale"], dtype=np.dtype(config["dtype"]),
-                             seed=config["seed"], activation=config["activation"], loss=config["loss"])
+                             seed=config["seed"], activation=config["activation"], loss=config["loss"],
+                             label_smoothing=config["label_smoothing"])
+
+
+def make_lr_schedule(config):
+    """The learning-rate schedule of the configuration: a factor per iteration (see dpnet.schedules)."""
+    from .schedules import make_schedule
+
+    per_epoch = max(config["num_train"] // config["batch_size"], 1)
+    return make_schedule(config["lr_schedule"], total_iterations=config["epochs"] * per_epoch,
+                         warmup_iterations=round(config["warmup_epochs"] * per_epoch), decay=config["lr_decay"],
+                         milestones=[m * per_epoch for m in config["lr_milestones"]], iterations_per_epoch=per_epoch)
 
 
 def hyperparameters(config, num_processes):
@@ -411,11 +446,12 @@ def _stop_diverged(comm, solver, exc, last):
     comm.abort(EXIT_DIVERGED)
 
 
-def _final_report(comm, solver, config, test_acc, tensorboard, seconds):
+def _final_report(comm, solver, config, test_acc, final_acc, tensorboard, seconds):
     from .monitor import save_curves
 
     iteration = solver.iteration
-    metrics = {"hparam/test_accuracy": float(test_acc), "hparam/best_val_accuracy": float(solver.best_val_acc)}
+    metrics = {"hparam/test_accuracy": float(test_acc), "hparam/final_test_accuracy": float(final_acc),
+               "hparam/best_val_accuracy": float(solver.best_val_acc)}
     if solver.loss_history:
         metrics["hparam/final_loss"] = float(solver.loss_history[-1])
     tensorboard.write_hparams(hyperparameters(config, comm.size), metrics, iteration)
@@ -427,7 +463,8 @@ def _final_report(comm, solver, config, test_acc, tensorboard, seconds):
         print("dpnet-train: no plot: matplotlib is not installed (pip install 'dpnet[plot]' to get curves.png)",
               flush=True)
     minutes, secs = divmod(seconds, 60)
-    print(f"test accuracy {test_acc:.4f} (best validation accuracy {solver.best_val_acc:.4f}; {solver.epoch} "
+    print(f"test accuracy {test_acc:.4f} (best validation accuracy {solver.best_val_acc:.4f}; final parameters "
+          f"{final_acc:.4f}; {solver.epoch} "
           f"epoch{'s' * (solver.epoch != 1)}, {int(minutes)}m{secs:04.1f}s on {comm.size} "
           f"process{'es' * (comm.size > 1)})", flush=True)
     if not config["quiet"]:
@@ -467,6 +504,7 @@ def make_solver(comm, config, meta, data, model):
     """The Solver with its monitors (rank 0), restored from config['resume'] if given: (solver, tensorboard monitor,
     checkpoint monitor); the monitors are None on other ranks."""
     from .checkpoint import CheckpointError, restore_checkpoint
+    from .augment import Augmentation
     from .monitor import CheckpointMonitor, ProgressMonitor, TensorBoardMonitor
     from .solver import Solver
 
@@ -478,9 +516,10 @@ def make_solver(comm, config, meta, data, model):
         # TensorBoard before the checkpoints: the events of a checkpointed epoch are on disk.
         monitors = [ProgressMonitor(quiet=config["quiet"]), tensorboard, checkpoints]
     solver = Solver(model, data, update_rule=config["update_rule"], optim_config={"learning_rate": config["lr"]},
-                    lr_decay=config["lr_decay"], batch_size=config["batch_size"], num_epochs=config["epochs"],
-                    num_train_samples=1000, num_val_samples=None, verbose=False, seed=config["seed"], comm=comm,
-                    monitors=monitors)
+                    batch_size=config["batch_size"], num_epochs=config["epochs"], num_train_samples=1000,
+                    num_val_samples=None, verbose=False, seed=config["seed"], comm=comm, monitors=monitors,
+                    lr_schedule=make_lr_schedule(config), weight_decay=config["weight_decay"],
+                    augment=Augmentation(crop_padding=config["crop_padding"]) if config["augment"] else None)
 
     def restore():
         try:
@@ -538,10 +577,13 @@ def run(argv=None):
     finally:
         if tensorboard is not None:
             tensorboard.flush()
-    test_acc = solver.check_accuracy(data["X_test"], data["y_test"])
+    test_acc = solver.check_accuracy(data["X_test"], data["y_test"])  # the best parameters, which train() loaded
+    solver.use_params("final")
+    final_acc = solver.check_accuracy(data["X_test"], data["y_test"])
+    solver.use_params("best")
     if comm.rank == 0:
         try:
-            _final_report(comm, solver, config, test_acc, tensorboard, time.perf_counter() - start)
+            _final_report(comm, solver, config, test_acc, final_acc, tensorboard, time.perf_counter() - start)
         finally:
             tensorboard.close()
     return 0

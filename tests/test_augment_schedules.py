@@ -62,10 +62,13 @@ def test_schedules():
     assert warm(0) == pytest.approx(0.1) and warm(9) == pytest.approx(1.0)
     assert warm(55) == pytest.approx(0.5) and warm(100) == pytest.approx(0.0)
     assert make_schedule("cosine", total_iterations=10, final_factor=0.1)(10) == pytest.approx(0.1)
+    exponential = make_schedule("exponential", decay=0.5, iterations_per_epoch=10)
+    assert [exponential(t) for t in (0, 9, 10, 25)] == [1, 1, 0.5, 0.25]
     assert all(math.isfinite(warm(t)) for t in range(200))
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(name="linear"), "unknown"), (dict(name="cosine"), "total"),
+                                           (dict(name="exponential"), "iterations_per_epoch"),
                                            (dict(warmup_iterations=-1), "warmup")])
 def test_bad_schedules(kwargs, match):
     with pytest.raises(ValueError, match=match):

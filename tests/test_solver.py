@@ -291,3 +291,19 @@ def test_final_params_are_the_last_state(data):
     solver.train()
     for name in last:
         np.testing.assert_array_equal(solver.final_params[name], last[name])
+
+
+def test_best_and_final_carry_their_normalization_state(data, tmp_path):
+    solver = Solver(_model(normalization="batchnorm"), data, optim_config={"learning_rate": 0.05}, batch_size=30,
+                    num_epochs=3, verbose=False, seed=0)
+    solver.train()
+    bn = solver.model.bn_params[0]
+    np.testing.assert_array_equal(bn["running_mean"], solver.best_norm_state["0/running_mean"])
+    solver.use_params("final")
+    np.testing.assert_array_equal(bn["running_mean"], solver.final_norm_state["0/running_mean"])
+    np.testing.assert_array_equal(solver.model.params["W1"], solver.final_params["W1"])
+    path = save_checkpoint(tmp_path / "ck.npz", solver)
+    other = Solver(_model(normalization="batchnorm"), data, verbose=False)
+    restore_checkpoint(other, path)
+    for name, value in solver.best_norm_state.items():
+        np.testing.assert_array_equal(other.best_norm_state[name], value)

@@ -28,6 +28,9 @@ _SCRUBBED = ("DPNET_FAULT_INJECT", "DPNET_DATA_DIR", "OMP_NUM_THREADS", "OPENBLA
 SMALL = ["--num-train", "1000", "--hidden-dims", "40", "30", "--batch-size", "100", "--epochs", "3",
          "--dtype", "float64", "--seed", "3", "--lr", "2e-3", "--lr-decay", "0.9", "--weight-scale", "0.01"]
 ITERATIONS = 30
+# The accuracy recipe, on in the MPI runs: 2 processes must still compute what 1 does, and resume exactly.
+RECIPE = ["--augment", "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--weight-decay", "0.01",
+          "--label-smoothing", "0.1"]
 PARAMS = ["W1", "b1", "gamma1", "beta1", "W2", "b2", "gamma2", "beta2", "W3", "b3"]
 
 # Runs dpnet.train, SIGKILLing its own process right after the iteration $KILL_AT_ITERATION (rank 0 only: monitors
@@ -126,6 +129,7 @@ def serial(cifar10_dir, dpnet_cache_dir, tmp_path_factory):
 def test_trains_and_prints_progress_and_test_accuracy(serial):
     out = serial.result.stdout
     assert printed_accuracy(serial.result) > 0.2  # chance is 0.1
+    assert re.search(r"^test accuracy .*final parameters \d\.\d{4}", out, flags=re.M), out
     epochs = re.findall(r"^epoch (\d)/3: loss [\d.]+, train acc [\d.]+, val acc [\d.]+, lr [\d.e-]+, .* samples/s\)$",
                         out, flags=re.M)
     assert epochs == ["1", "2", "3"], out
@@ -367,14 +371,14 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path):
 def mpi2(cifar10_dir, dpnet_cache_dir, mpiexec, tmp_path_factory):
     """The reference run under `mpiexec -n 2` (no dropout: its masks are drawn per process)."""
     work = tmp_path_factory.mktemp("mpi2")
-    result = run_ok(*SMALL, "--dropout", "1", "--data-dir", cifar10_dir, "--logdir", work / "logs",
+    result = run_ok(*SMALL, *RECIPE, "--dropout", "1", "--data-dir", cifar10_dir, "--logdir", work / "logs",
                     "--checkpoint-dir", work / "ck", mpiexec=mpiexec, n=2, cwd=work, cache=dpnet_cache_dir)
     return Run(result, work)
 
 
 @pytest.mark.timeout(300)
 def test_mpi_run_matches_one_process_and_only_rank_0_speaks(mpi2, cifar10_dir, dpnet_cache_dir, tmp_path):
-    single = run_ok(*SMALL, "--dropout", "1", "--data-dir", cifar10_dir, "--logdir", tmp_path / "logs",
+    single = run_ok(*SMALL, *RECIPE, "--dropout", "1", "--data-dir", cifar10_dir, "--logdir", tmp_path / "logs",
                     "--checkpoint-dir", tmp_path / "ck", cwd=tmp_path, cache=dpnet_cache_dir)
     assert "2 processes x 1 BLAS thread" in mpi2.result.stdout
     assert len(re.findall(r"^epoch 1/3", mpi2.result.stdout, flags=re.M)) == 1
@@ -388,8 +392,8 @@ def test_mpi_run_matches_one_process_and_only_rank_0_speaks(mpi2, cifar10_dir, d
 
 @pytest.mark.timeout(300)
 def test_mpi_resume_after_sigkill_gives_the_uninterrupted_run(mpi2, cifar10_dir, dpnet_cache_dir, mpiexec, tmp_path):
-    args = [*SMALL, "--dropout", "1", "--data-dir", cifar10_dir, "--logdir", tmp_path / "logs", "--checkpoint-dir",
-            tmp_path / "ck"]
+    args = [*SMALL, *RECIPE, "--dropout", "1", "--data-dir", cifar10_dir, "--logdir", tmp_path / "logs",
+            "--checkpoint-dir", tmp_path / "ck"]
     killed = cli(*args, mpiexec=mpiexec, n=2, script=KILLER, cwd=tmp_path, cache=dpnet_cache_dir,
                  KILL_AT_ITERATION="15")
     assert killed.returncode != 0, killed.stdout
