@@ -165,6 +165,7 @@ class Solver:
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
         self.final_params = {}
         self.final_norm_state = {}
+        self._stop_requested = False
         self._epoch_order = None
         self._streams_epoch = None
 
@@ -283,8 +284,9 @@ class Solver:
         normalization state (running statistics) they were evaluated with; use_params("final") switches to the last.
         """
         num_iterations = self.num_epochs * self.iterations_per_epoch
+        self._stop_requested = False
         self._notify("on_train_begin", self)
-        while self.iteration < num_iterations:
+        while self.iteration < num_iterations and not self._stop_requested:
             start = time.perf_counter()
             loss, grads, batch = self._step()
             seconds = time.perf_counter() - start
@@ -307,6 +309,9 @@ class Solver:
                 self._evaluate()
             if epoch_end:
                 self._end_epoch()
+            if self.comm.size > 1:  # monitors run on rank 0 only: every rank must learn of a stop request
+                flag = np.array([self._stop_requested], dtype=np.int64)
+                self._stop_requested = bool(self.comm.allreduce(flag, op="max")[0])
             if self.verbose and self.print_every and (t - 1) % self.print_every == 0:
                 print(f"(Epoch {self.epoch} / {self.num_epochs}) (Iteration {t} / {num_iterations}) "
                       f"loss: {loss:f} train acc: {self.train_acc_history[-1]:f} "
@@ -317,6 +322,11 @@ class Solver:
         self._notify("on_train_end", self, dict(iteration=self.iteration, epoch=self.epoch,
                                                 best_val_acc=self.best_val_acc))
         return self
+
+    def stop(self):
+        """Ask train() to end after the current iteration (e.g. from a monitor that reached its target); train()
+        then returns normally, with the best parameters loaded."""
+        self._stop_requested = True
 
     def use_params(self, which):
         """Load the "best" (by validation accuracy) or the "final" parameters and normalization state into the

@@ -307,3 +307,15 @@ def test_best_and_final_carry_their_normalization_state(data, tmp_path):
     restore_checkpoint(other, path)
     for name, value in solver.best_norm_state.items():
         np.testing.assert_array_equal(other.best_norm_state[name], value)
+
+
+def test_a_monitor_can_stop_training(data):
+    class StopAt:
+        def on_iteration_end(self, solver, info):
+            if info["iteration"] == 7:
+                solver.stop()
+
+    solver = Solver(_model(), data, batch_size=30, num_epochs=5, monitors=[StopAt()], verbose=False)
+    solver.train()
+    assert solver.iteration == 7 and len(solver.loss_history) == 7
+    assert solver.best_params  # the first iteration was evaluated; train() ended normally

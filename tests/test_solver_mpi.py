@@ -151,3 +151,10 @@ def test_fused_buffer_packs_scaled_arrays_and_hands_back_views():
         fused.pack({"W": grads["W"], "b": grads["b"]})
     with pytest.raises(ValueError, match="changed"):
         fused.pack({**grads, "b": np.ones(3)})
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_requested_on_rank_0_stops_every_rank(run_mpi):
+    result = run_mpi(3, "solver_stop.py", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split("\n")[:-1]) == [f"rank {r} stopped at iteration 4" for r in range(3)]
