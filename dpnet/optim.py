@@ -2,18 +2,102 @@
 
 Each rule is ``rule(w, dw, config=None) -> (next_w, config)``: ``w`` and ``dw`` are arrays of one shape, ``config`` a
 dict holding the hyper-parameters (defaults filled in on first use) and the rule's state between calls. Rules do not
-modify ``w`` or ``dw``; the returned config is the same dict, updated.
+modify ``w`` or ``dw``; the returned config is the same dict, updated (its state arrays are updated in place).
+
+Each built-in rule also has an in-place variant, ``rule.in_place(w, dw, config=None, scratch=None) -> (w, config)``,
+which overwrites ``w`` itself (a writable array of dtype ``np.result_type(w, dw)``) instead of allocating ``next_w``;
+``scratch``, if given, is a writable array shaped and typed like ``w`` that it may use for its temporaries. The Solver
+uses it for the parameters it owns: no array is allocated per step, and each array is touched as few times as NumPy
+allows. The pure rule is the in-place variant applied to a copy of ``w``, so the two agree bit for bit.
 """
+
+import math
 
 import numpy as np
 
 
+def _config(config, **defaults):
+    """config (a new dict if None) with the defaults of the missing hyper-parameters filled in."""
+    config = {} if config is None else config
+    for key, value in defaults.items():
+        config.setdefault(key, value)
+    return config
+
+
 def _state(config, key, like):
-    """The array config[key], created as zeros shaped and typed like `like` on first use."""
+    """The state array config[key], which the rules update in place: zeros shaped and typed like `like` on first use;
+    a copy (once) of a given value that is not a writable array of at least like's precision."""
     value = config.get(key)
     if value is None:
         value = config[key] = np.zeros_like(like)
+    elif not (isinstance(value, np.ndarray) and value.flags.writeable and value.dtype == np.result_type(value, like)):
+        value = config[key] = np.array(value, dtype=np.result_type(value, like))
     return value
+
+
+def _scratch(scratch, w):
+    """Where a rule computes its temporaries: the caller's scratch array, else a new one like w."""
+    return np.empty_like(w) if scratch is None else scratch
+
+
+def _copy(w, dw):
+    """A copy of w for a pure rule to update in place, of the dtype w - dw would have."""
+    return np.array(w, dtype=np.result_type(w, dw))
+
+
+def _sgd_in_place(w, dw, config=None, scratch=None):
+    config = _config(config, learning_rate=1e-2)
+    w -= np.multiply(dw, config["learning_rate"], out=_scratch(scratch, w))
+    return w, config
+
+
+def _sgd_momentum_in_place(w, dw, config=None, scratch=None):
+    config = _config(config, learning_rate=1e-2, momentum=0.9)
+    v = _state(config, "velocity", w)
+    v *= config["momentum"]
+    v -= np.multiply(dw, config["learning_rate"], out=_scratch(scratch, w))
+    w += v
+    return w, config
+
+
+def _rmsprop_in_place(w, dw, config=None, scratch=None):
+    config = _config(config, learning_rate=1e-2, decay_rate=0.99, epsilon=1e-8)
+    decay = config["decay_rate"]
+    cache = _state(config, "cache", w)
+    cache *= decay
+    s = np.multiply(dw, 1 - decay, out=_scratch(scratch, w))
+    s *= dw
+    cache += s
+    np.sqrt(cache, out=s)
+    s += config["epsilon"]
+    np.divide(dw, s, out=s)
+    s *= config["learning_rate"]
+    w -= s
+    return w, config
+
+
+def _adam_in_place(w, dw, config=None, scratch=None):
+    config = _config(config, learning_rate=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8, t=0)
+    beta1, beta2 = config["beta1"], config["beta2"]
+    config["t"] += 1
+    t = config["t"]
+    m, v = _state(config, "m", w), _state(config, "v", w)
+    m *= beta1
+    s = np.multiply(dw, 1 - beta1, out=_scratch(scratch, w))
+    m += s
+    v *= beta2
+    np.multiply(dw, 1 - beta2, out=s)
+    s *= dw
+    v += s
+    # lr * m_hat / (sqrt(v_hat) + eps) with m_hat = m / c1, v_hat = v / c2 is rate * m / (sqrt(v) + eps * sqrt(c2)),
+    # rate = lr * sqrt(c2) / c1: the bias corrections cost two scalars, not two passes over the arrays.
+    root_c2 = math.sqrt(1 - beta2**t)
+    np.sqrt(v, out=s)
+    s += config["epsilon"] * root_c2
+    np.divide(m, s, out=s)
+    s *= config["learning_rate"] * root_c2 / (1 - beta1**t)
+    w -= s
+    return w, config
 
 
 def sgd(w, dw, config=None):
@@ -21,12 +105,7 @@ def sgd(w, dw, config=None):
 
     config: learning_rate (1e-2).
     """
-    config = {} if config is None else config
-    config.setdefault("learning_rate", 1e-2)
-    # One temporary, not two, with the same rounding as w - lr * dw.
-    next_w = np.multiply(dw, -config["learning_rate"], dtype=np.result_type(w, dw))
-    next_w += w
-    return next_w, config
+    return _sgd_in_place(_copy(w, dw), dw, config)
 
 
 def sgd_momentum(w, dw, config=None):
@@ -34,47 +113,30 @@ def sgd_momentum(w, dw, config=None):
 
     config: learning_rate (1e-2), momentum (0.9), velocity (state, zeros like w).
     """
-    config = {} if config is None else config
-    config.setdefault("learning_rate", 1e-2)
-    config.setdefault("momentum", 0.9)
-    v = config["momentum"] * _state(config, "velocity", w) - config["learning_rate"] * dw
-    config["velocity"] = v
-    return w + v, config
+    return _sgd_momentum_in_place(_copy(w, dw), dw, config)
 
 
 def rmsprop(w, dw, config=None):
     """RMSProp: a moving average of squared gradients scales each step.
 
+    cache = decay_rate * cache + (1 - decay_rate) * dw**2; w - learning_rate * dw / (sqrt(cache) + epsilon).
     config: learning_rate (1e-2), decay_rate (0.99), epsilon (1e-8), cache (state, zeros like w).
     """
-    config = {} if config is None else config
-    config.setdefault("learning_rate", 1e-2)
-    config.setdefault("decay_rate", 0.99)
-    config.setdefault("epsilon", 1e-8)
-    decay = config["decay_rate"]
-    cache = decay * _state(config, "cache", w) + (1 - decay) * dw * dw
-    config["cache"] = cache
-    return w - config["learning_rate"] * dw / (np.sqrt(cache) + config["epsilon"]), config
+    return _rmsprop_in_place(_copy(w, dw), dw, config)
 
 
 def adam(w, dw, config=None):
     """Adam: bias-corrected moving averages of the gradient and its square.
 
+    m = beta1 * m + (1 - beta1) * dw; v = beta2 * v + (1 - beta2) * dw**2;
+    w - learning_rate * m_hat / (sqrt(v_hat) + epsilon) with m_hat = m / (1 - beta1**t), v_hat = v / (1 - beta2**t).
     config: learning_rate (1e-3), beta1 (0.9), beta2 (0.999), epsilon (1e-8); state m, v (zeros like w) and t
     (iteration count, starting at 0 and incremented before it is used).
     """
-    config = {} if config is None else config
-    config.setdefault("learning_rate", 1e-3)
-    config.setdefault("beta1", 0.9)
-    config.setdefault("beta2", 0.999)
-    config.setdefault("epsilon", 1e-8)
-    config.setdefault("t", 0)
-    beta1, beta2 = config["beta1"], config["beta2"]
-    config["t"] += 1
-    t = config["t"]
-    m = beta1 * _state(config, "m", w) + (1 - beta1) * dw
-    v = beta2 * _state(config, "v", w) + (1 - beta2) * dw * dw
-    config["m"], config["v"] = m, v
-    m_hat = m / (1 - beta1**t)
-    v_hat = v / (1 - beta2**t)
-    return w - config["learning_rate"] * m_hat / (np.sqrt(v_hat) + config["epsilon"]), config
+    return _adam_in_place(_copy(w, dw), dw, config)
+
+
+sgd.in_place = _sgd_in_place
+sgd_momentum.in_place = _sgd_momentum_in_place
+rmsprop.in_place = _rmsprop_in_place
+adam.in_place = _adam_in_place

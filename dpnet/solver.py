@@ -91,6 +91,9 @@ class Solver:
         self.sync_batchnorm = options["sync_batchnorm"]
         self._setup_model()
         self._fused = None  # the gradient buffer of the allreduce, laid out at the first step
+        self._in_place = getattr(self._rule, "in_place", None)  # the rule's in-place variant, if it has one
+        self._owned = {}  # name -> the parameter array this Solver made, which it may update in place
+        self._scratch = {}  # dtype -> the scratch buffer of in-place updates
         self._reset()
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -231,15 +234,47 @@ class Solver:
         if not np.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at iteration {self.iteration + 1}: stopping "
                                      "(try a smaller learning rate)")
-        for name, w in self.model.params.items():
-            next_w, config = self._rule(w, grads[name], self.optim_configs[name])
-            if self.weight_decay and w.ndim >= 2:
-                if "learning_rate" not in config:
-                    raise ValueError("weight_decay scales with the learning rate, but the update rule's config "
-                                     "has no 'learning_rate'")
-                next_w -= (config["learning_rate"] * self.weight_decay) * w
-            self.model.params[name], self.optim_configs[name] = next_w, config
+        self._update(grads)
         return float(loss), grads, batch
+
+    def _update(self, grads):
+        """Apply the update rule, and decoupled weight decay, to every parameter.
+
+        A rule with an in-place variant (`rule.in_place`, see dpnet.optim) updates the parameters the Solver owns in
+        place, with one scratch array shared by all: nothing is allocated. The Solver owns the arrays it made: the
+        first update of a parameter array it did not make (the model's initial one, one a user put in model.params)
+        works on a copy, so arrays held elsewhere never change under their holder.
+        """
+        for name, w in self.model.params.items():
+            dw, config = grads[name], self.optim_configs[name]
+            decay = self.weight_decay if w.ndim >= 2 else 0.0
+            if self._in_place is not None and self._can_update_in_place(w, dw, config, decay):
+                if self._owned.get(name) is not w:
+                    w = self._owned[name] = w.copy()
+                if decay:  # w - lr * (step + decay * w), as AdamW: the built-in steps do not depend on w
+                    w *= 1 - config["learning_rate"] * decay
+                next_w, config = self._in_place(w, dw, config, scratch=self._scratch_like(w))
+            else:
+                next_w, config = self._rule(w, dw, config)
+                if decay:
+                    if "learning_rate" not in config:
+                        raise ValueError("weight_decay scales with the learning rate, but the update rule's config "
+                                         "has no 'learning_rate'")
+                    next_w -= (config["learning_rate"] * decay) * w
+            self.model.params[name], self.optim_configs[name] = next_w, config
+
+    @staticmethod
+    def _can_update_in_place(w, dw, config, decay):
+        return (isinstance(w, np.ndarray) and isinstance(dw, np.ndarray) and w.shape == dw.shape
+                and w.dtype.kind == "f" and w.dtype == np.result_type(w, dw)
+                and (not decay or "learning_rate" in config))
+
+    def _scratch_like(self, w):
+        """A scratch array shaped and typed like w: a view of one buffer per dtype, as large as the largest."""
+        buf = self._scratch.get(w.dtype)
+        if buf is None or buf.size < w.size:
+            buf = self._scratch[w.dtype] = np.empty(max(v.size for v in self.model.params.values()), w.dtype)
+        return buf[:w.size].reshape(w.shape)
 
     def _allreduce(self, loss, grads, weight):
         """Sum weight * (grads, loss) over all processes in one buffer, laid out at the first step and reused.

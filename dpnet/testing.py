@@ -4,7 +4,8 @@
   checks shapes, dtypes (a float32 input stays float32) and that inputs are not modified.
 - ``check_update_rule(rule)``: checks the signature ``rule(w, dw, config=None) -> (next_w, config)``, that ``w`` and
   ``dw`` are not modified, that hyper-parameters and all state live in the config (a run resumed from a copy of the
-  config matches the uninterrupted run, as a checkpoint needs), and that the rule decreases a convex quadratic.
+  config matches the uninterrupted run, as a checkpoint needs), that the rule decreases a convex quadratic, and that
+  its in-place variant ``rule.in_place``, if it has one, agrees with it.
 - ``check_plugin(name)``: the plugin is installed and loaded through its entry point, and all of the above pass for
   every layer and rule it provides.
 
@@ -208,8 +209,10 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
     shape and dtype (float32 stays float32) and a dict; w and dw are not modified; a ``learning_rate`` given in the
     config is kept there (the Solver decays it); the config holds only arrays and scalars; all state lives in the
     config (continuing from a copy of the config gives exactly what the uninterrupted run gives); the rule decreases
-    ``f(w) = 0.5 * sum(a * (w - c)**2)`` by at least 0.1% in ``steps`` steps. Raises AssertionError saying which
-    failed. Returns None.
+    ``f(w) = 0.5 * sum(a * (w - c)**2)`` by at least 0.1% in ``steps`` steps; if the rule has an in-place variant
+    ``rule.in_place(w, dw, config=None, scratch=None) -> (w, config)`` (which the Solver uses for the parameters it
+    owns), that it updates w itself, leaves dw alone and agrees with the rule step by step to rounding (relative
+    1e-12). Raises AssertionError saying which failed. Returns None.
     """
     what = f"update rule {getattr(rule, '__name__', repr(rule))!r}"
     problem = registry._signature_problem(rule, ("w", "dw", "None"), "rule", keyword="config")
@@ -259,6 +262,27 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
         _fail(what, f"does not decrease a convex quadratic: f went from {f_start:.6g} to {f_end:.6g} in {steps} "
                     f"steps (config {user or 'defaults'}); check the sign of the step, or pass a config with a "
                     f"larger learning_rate")
+    in_place = getattr(rule, "in_place", None)
+    if in_place is not None:
+        _check_in_place(rule, in_place, what, user, lambda w: a * (w - c), start)
+
+
+def _check_in_place(rule, in_place, what, user, grad, start, steps=20):
+    """rule.in_place(w, dw, config, scratch=None) -> (w, config) updates w itself and computes what rule computes."""
+    pure_w, pure_config = start.copy(), copy.deepcopy(user)
+    w, config = start.copy(), copy.deepcopy(user)
+    for t in range(steps):
+        pure_w, pure_config = rule(pure_w, grad(pure_w), pure_config)
+        dw = grad(w)
+        dw0 = dw.copy()
+        result = in_place(w, dw, config, scratch=np.empty_like(w) if t % 2 else None)
+        if not (isinstance(result, tuple) and len(result) == 2 and result[0] is w):
+            _fail(what, f"its in-place variant must return (w, config) with w itself, updated in place (step {t + 1})")
+        config = result[1]
+        _unchanged(what, "dw", dw, dw0)
+        if not np.allclose(w, pure_w, rtol=1e-12, atol=0):
+            _fail(what, f"its in-place variant differs from the rule by up to {np.max(np.abs(w - pure_w)):.3g} at "
+                        f"step {t + 1}: rule.in_place must compute what the rule computes")
 
 
 def check_plugin(name):

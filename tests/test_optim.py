@@ -118,3 +118,40 @@ def test_sgd_promotes_mixed_dtypes_like_numpy():
     w, dw = np.ones(3), np.ones(3, dtype=np.float32)
     next_w, _ = sgd(w, dw, {"learning_rate": 0.5})
     assert next_w.dtype == np.float64 and np.all(next_w == 0.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rule", [sgd, sgd_momentum, rmsprop, adam])
+def test_in_place_variant_agrees_bit_for_bit_with_the_pure_rule(rule, dtype):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 7)).astype(dtype)
+    pure, pure_config = w.copy(), {"learning_rate": 1e-2}
+    mine, my_config = w.copy(), {"learning_rate": 1e-2}
+    for step in range(6):
+        dw = rng.standard_normal(w.shape).astype(dtype)
+        dw0 = dw.copy()
+        pure, pure_config = rule(pure, dw, pure_config)
+        result, my_config = rule.in_place(mine, dw, my_config, scratch=np.empty_like(w) if step % 2 else None)
+        assert result is mine  # updated in place, not reallocated
+        np.testing.assert_array_equal(dw, dw0)
+        np.testing.assert_array_equal(mine, pure)
+        assert mine.dtype == dtype
+    assert pure_config.keys() == my_config.keys()
+    for key, value in pure_config.items():
+        np.testing.assert_array_equal(my_config[key], value, err_msg=key)
+
+
+def test_state_that_cannot_be_updated_in_place_is_copied_once():
+    w, dw = _inputs()
+    velocity = np.zeros((N, D))
+    velocity.flags.writeable = False
+    config = {"velocity": velocity}
+    sgd_momentum(w, dw, config)
+    assert config["velocity"] is not velocity and not np.all(config["velocity"] == 0)
+    assert np.all(velocity == 0)
+    state = config["velocity"]
+    sgd_momentum(w, dw, config)
+    assert config["velocity"] is state  # from then on updated in place
+    lower = {"m": np.zeros((N, D), dtype=np.float32), "v": np.zeros((N, D), dtype=np.float32)}
+    adam(w, dw, lower)  # float64 weights: float32 state is widened, not used to round the float64 step
+    assert lower["m"].dtype == lower["v"].dtype == np.float64

@@ -319,3 +319,52 @@ def test_a_monitor_can_stop_training(data):
     solver.train()
     assert solver.iteration == 7 and len(solver.loss_history) == 7
     assert solver.best_params  # the first iteration was evaluated; train() ended normally
+
+
+@pytest.mark.parametrize("rule", ["sgd", "sgd_momentum", "rmsprop", "adam"])
+def test_in_place_updates_give_what_the_pure_rule_gives(data, rule):
+    """The Solver updates its own parameters with the rule's in-place variant; a callable wrapping the pure rule (no
+    in-place variant) takes the pure path: the two runs agree bit for bit (and within rounding with weight decay,
+    which the in-place path applies before the step; compared without batchnorm, whose preceding biases are rounding
+    noise that adam and rmsprop scale up to full steps)."""
+    from dpnet import registry
+
+    pure_rule = registry.get_update_rule(rule)
+
+    def pure(w, dw, config=None):
+        return pure_rule(w, dw, config)
+
+    def run(update_rule, weight_decay=0.0, normalization="batchnorm"):
+        model = _model(normalization=normalization, dropout=0.9)
+        solver = Solver(model, data, update_rule=update_rule, optim_config={"learning_rate": 1e-2}, batch_size=32,
+                        num_epochs=2, seed=3, verbose=False, weight_decay=weight_decay)
+        assert (solver._in_place is not None) == (update_rule == rule)
+        solver.train()
+        solver.use_params("final")
+        return model.params
+
+    for name, value in run(rule).items():
+        np.testing.assert_array_equal(value, run(pure)[name], err_msg=name)
+    decayed, reference = run(rule, 0.5, None), run(pure, 0.5, None)
+    for name, value in decayed.items():
+        np.testing.assert_allclose(value, reference[name], rtol=1e-10, atol=1e-14, err_msg=name)
+
+
+def test_parameters_are_updated_in_place_but_arrays_held_elsewhere_never_change(data):
+    model = _model()
+    initial = dict(model.params)
+    snapshot = {name: value.copy() for name, value in initial.items()}
+    solver = Solver(model, data, update_rule="adam", batch_size=30, num_epochs=1, verbose=False)
+    solver._step()
+    mine = dict(model.params)
+    for name, value in initial.items():
+        assert mine[name] is not value  # the first update worked on a copy
+        np.testing.assert_array_equal(value, snapshot[name], err_msg=name)
+    solver._step()
+    solver._step()
+    assert all(model.params[name] is mine[name] for name in mine)  # then in place: nothing reallocated
+    replaced = model.params["W1"] = model.params["W1"].copy()  # a user's array put in the model
+    kept = replaced.copy()
+    solver._step()
+    np.testing.assert_array_equal(replaced, kept)
+    assert model.params["W1"] is not replaced

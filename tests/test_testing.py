@@ -261,3 +261,35 @@ def test_check_plugin(tmp_path, monkeypatch):
     registry.reset()
     with pytest.raises(AssertionError, match="plugin 'fxgood' is disabled: DPNET_DISABLE_PLUGINS lists it"):
         check_plugin("fxgood")
+
+
+def test_in_place_variant_is_checked_against_the_rule():
+    def rule(w, dw, config=None):
+        config = {} if config is None else config
+        config.setdefault("learning_rate", 1e-2)
+        return w - config["learning_rate"] * dw, config
+
+    def good(w, dw, config=None, scratch=None):
+        config = {} if config is None else config
+        config.setdefault("learning_rate", 1e-2)
+        w -= config["learning_rate"] * dw
+        return w, config
+
+    rule.in_place = good
+    check_update_rule(rule)
+
+    def reallocates(w, dw, config=None, scratch=None):
+        return rule(w, dw, config)
+
+    rule.in_place = reallocates
+    with pytest.raises(AssertionError, match="in-place variant must return \\(w, config\\) with w itself"):
+        check_update_rule(rule)
+
+    def differs(w, dw, config=None, scratch=None):
+        w, config = good(w, dw, config)
+        w *= 1.001
+        return w, config
+
+    rule.in_place = differs
+    with pytest.raises(AssertionError, match="in-place variant differs from the rule by up to"):
+        check_update_rule(rule)
