@@ -4,16 +4,18 @@ Each rule is ``rule(w, dw, config=None) -> (next_w, config)``: ``w`` and ``dw`` 
 dict holding the hyper-parameters (defaults filled in on first use) and the rule's state between calls. Rules do not
 modify ``w`` or ``dw``; the returned config is the same dict, updated (its state arrays are updated in place).
 
-Each built-in rule also has an in-place variant, ``rule.in_place(w, dw, config=None, scratch=None) -> (w, config)``,
-which overwrites ``w`` itself (a writable array of dtype ``np.result_type(w, dw)``) instead of allocating ``next_w``;
-``scratch``, if given, is a writable array shaped and typed like ``w`` that it may use for its temporaries. The Solver
-uses it for the parameters it owns: no array is allocated per step, and each array is touched as few times as NumPy
-allows. The pure rule is the in-place variant applied to a copy of ``w``, so the two agree bit for bit.
+Each built-in rule also has an in-place variant, ``rule.in_place(w, dw, config=None) -> (w, config)``, which
+overwrites ``w`` itself (a writable array of dtype ``np.result_type(w, dw)``) instead of allocating ``next_w``. The
+Solver uses it for the parameters it owns: nothing of a parameter's size is allocated per step, and the arrays are
+updated block by block, so that a rule's several passes over a block find it in the cache. The pure rule is the
+in-place variant applied to a copy of ``w``: the two agree bit for bit.
 """
 
 import math
 
 import numpy as np
+
+BLOCK_BYTES = 1 << 19  # the in-place rules update their arrays in blocks of this size (see _blocks)
 
 
 def _config(config, **defaults):
@@ -35,9 +37,21 @@ def _state(config, key, like):
     return value
 
 
-def _scratch(scratch, w):
-    """Where a rule computes its temporaries: the caller's scratch array, else a new one like w."""
-    return np.empty_like(w) if scratch is None else scratch
+def _blocks(w, *arrays):
+    """(w, *arrays, scratch) in matching blocks of about BLOCK_BYTES: flat views of C-contiguous arrays of w's shape,
+    and a scratch array (typed like w) for the temporaries. A rule makes several passes over its arrays; block by block,
+    all but the first find the block in the cache instead of streaming every array from memory once per pass.
+    Other arrays (not contiguous, or shaped otherwise) come whole, as one block."""
+    whole = [w, *map(np.asarray, arrays)]
+    if any(a.shape != w.shape or not a.flags.c_contiguous for a in whole):
+        yield (*whole, np.empty_like(w))
+        return
+    flat = [a.reshape(-1) for a in whole]
+    step = max(1, BLOCK_BYTES // w.itemsize)
+    scratch = np.empty(min(step, w.size), dtype=w.dtype)
+    for start in range(0, w.size, step):
+        block = [a[start:start + step] for a in flat]
+        yield (*block, scratch[:block[0].size])
 
 
 def _copy(w, dw):
@@ -45,58 +59,62 @@ def _copy(w, dw):
     return np.array(w, dtype=np.result_type(w, dw))
 
 
-def _sgd_in_place(w, dw, config=None, scratch=None):
+def _sgd_in_place(w, dw, config=None):
     config = _config(config, learning_rate=1e-2)
-    w -= np.multiply(dw, config["learning_rate"], out=_scratch(scratch, w))
+    lr = config["learning_rate"]
+    for w_, dw_, s in _blocks(w, dw):
+        w_ -= np.multiply(dw_, lr, out=s)
     return w, config
 
 
-def _sgd_momentum_in_place(w, dw, config=None, scratch=None):
+def _sgd_momentum_in_place(w, dw, config=None):
     config = _config(config, learning_rate=1e-2, momentum=0.9)
-    v = _state(config, "velocity", w)
-    v *= config["momentum"]
-    v -= np.multiply(dw, config["learning_rate"], out=_scratch(scratch, w))
-    w += v
+    lr, momentum = config["learning_rate"], config["momentum"]
+    for w_, dw_, v, s in _blocks(w, dw, _state(config, "velocity", w)):
+        v *= momentum
+        v -= np.multiply(dw_, lr, out=s)
+        w_ += v
     return w, config
 
 
-def _rmsprop_in_place(w, dw, config=None, scratch=None):
+def _rmsprop_in_place(w, dw, config=None):
     config = _config(config, learning_rate=1e-2, decay_rate=0.99, epsilon=1e-8)
-    decay = config["decay_rate"]
-    cache = _state(config, "cache", w)
-    cache *= decay
-    s = np.multiply(dw, 1 - decay, out=_scratch(scratch, w))
-    s *= dw
-    cache += s
-    np.sqrt(cache, out=s)
-    s += config["epsilon"]
-    np.divide(dw, s, out=s)
-    s *= config["learning_rate"]
-    w -= s
+    lr, decay, eps = config["learning_rate"], config["decay_rate"], config["epsilon"]
+    for w_, dw_, cache, s in _blocks(w, dw, _state(config, "cache", w)):
+        cache *= decay
+        np.multiply(dw_, 1 - decay, out=s)
+        s *= dw_
+        cache += s
+        np.sqrt(cache, out=s)
+        s += eps
+        np.divide(dw_, s, out=s)
+        s *= lr
+        w_ -= s
     return w, config
 
 
-def _adam_in_place(w, dw, config=None, scratch=None):
+def _adam_in_place(w, dw, config=None):
     config = _config(config, learning_rate=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8, t=0)
     beta1, beta2 = config["beta1"], config["beta2"]
     config["t"] += 1
     t = config["t"]
-    m, v = _state(config, "m", w), _state(config, "v", w)
-    m *= beta1
-    s = np.multiply(dw, 1 - beta1, out=_scratch(scratch, w))
-    m += s
-    v *= beta2
-    np.multiply(dw, 1 - beta2, out=s)
-    s *= dw
-    v += s
     # lr * m_hat / (sqrt(v_hat) + eps) with m_hat = m / c1, v_hat = v / c2 is rate * m / (sqrt(v) + eps * sqrt(c2)),
     # rate = lr * sqrt(c2) / c1: the bias corrections cost two scalars, not two passes over the arrays.
     root_c2 = math.sqrt(1 - beta2**t)
-    np.sqrt(v, out=s)
-    s += config["epsilon"] * root_c2
-    np.divide(m, s, out=s)
-    s *= config["learning_rate"] * root_c2 / (1 - beta1**t)
-    w -= s
+    eps, rate = config["epsilon"] * root_c2, config["learning_rate"] * root_c2 / (1 - beta1**t)
+    for w_, dw_, m, v, s in _blocks(w, dw, _state(config, "m", w), _state(config, "v", w)):
+        m *= beta1
+        np.multiply(dw_, 1 - beta1, out=s)
+        m += s
+        v *= beta2
+        np.multiply(dw_, 1 - beta2, out=s)
+        s *= dw_
+        v += s
+        np.sqrt(v, out=s)
+        s += eps
+        np.divide(m, s, out=s)
+        s *= rate
+        w_ -= s
     return w, config
 
 

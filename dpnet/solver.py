@@ -93,7 +93,6 @@ class Solver:
         self._fused = None  # the gradient buffer of the allreduce, laid out at the first step
         self._in_place = getattr(self._rule, "in_place", None)  # the rule's in-place variant, if it has one
         self._owned = {}  # name -> the parameter array this Solver made, which it may update in place
-        self._scratch = {}  # dtype -> the scratch buffer of in-place updates
         self._reset()
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -241,9 +240,9 @@ class Solver:
         """Apply the update rule, and decoupled weight decay, to every parameter.
 
         A rule with an in-place variant (`rule.in_place`, see dpnet.optim) updates the parameters the Solver owns in
-        place, with one scratch array shared by all: nothing is allocated. The Solver owns the arrays it made: the
-        first update of a parameter array it did not make (the model's initial one, one a user put in model.params)
-        works on a copy, so arrays held elsewhere never change under their holder.
+        place: no parameter-sized array is allocated. The Solver owns the arrays it made: the first update of a
+        parameter array it did not make (the model's initial one, one a user put in model.params) works on a copy, so
+        arrays held elsewhere never change under their holder.
         """
         for name, w in self.model.params.items():
             dw, config = grads[name], self.optim_configs[name]
@@ -253,7 +252,7 @@ class Solver:
                     w = self._owned[name] = w.copy()
                 if decay:  # w - lr * (step + decay * w), as AdamW: the built-in steps do not depend on w
                     w *= 1 - config["learning_rate"] * decay
-                next_w, config = self._in_place(w, dw, config, scratch=self._scratch_like(w))
+                next_w, config = self._in_place(w, dw, config)
             else:
                 next_w, config = self._rule(w, dw, config)
                 if decay:
@@ -268,13 +267,6 @@ class Solver:
         return (isinstance(w, np.ndarray) and isinstance(dw, np.ndarray) and w.shape == dw.shape
                 and w.dtype.kind == "f" and w.dtype == np.result_type(w, dw)
                 and (not decay or "learning_rate" in config))
-
-    def _scratch_like(self, w):
-        """A scratch array shaped and typed like w: a view of one buffer per dtype, as large as the largest."""
-        buf = self._scratch.get(w.dtype)
-        if buf is None or buf.size < w.size:
-            buf = self._scratch[w.dtype] = np.empty(max(v.size for v in self.model.params.values()), w.dtype)
-        return buf[:w.size].reshape(w.shape)
 
     def _allreduce(self, loss, grads, weight):
         """Sum weight * (grads, loss) over all processes in one buffer, laid out at the first step and reused.

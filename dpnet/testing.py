@@ -210,7 +210,7 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
     config is kept there (the Solver decays it); the config holds only arrays and scalars; all state lives in the
     config (continuing from a copy of the config gives exactly what the uninterrupted run gives); the rule decreases
     ``f(w) = 0.5 * sum(a * (w - c)**2)`` by at least 0.1% in ``steps`` steps; if the rule has an in-place variant
-    ``rule.in_place(w, dw, config=None, scratch=None) -> (w, config)`` (which the Solver uses for the parameters it
+    ``rule.in_place(w, dw, config=None) -> (w, config)`` (which the Solver uses for the parameters it
     owns), that it updates w itself, leaves dw alone and agrees with the rule step by step to rounding (relative
     1e-12). Raises AssertionError saying which failed. Returns None.
     """
@@ -268,14 +268,14 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
 
 
 def _check_in_place(rule, in_place, what, user, grad, start, steps=20):
-    """rule.in_place(w, dw, config, scratch=None) -> (w, config) updates w itself and computes what rule computes."""
+    """rule.in_place(w, dw, config) -> (w, config) updates w itself and computes what rule computes."""
     pure_w, pure_config = start.copy(), copy.deepcopy(user)
     w, config = start.copy(), copy.deepcopy(user)
     for t in range(steps):
         pure_w, pure_config = rule(pure_w, grad(pure_w), pure_config)
         dw = grad(w)
         dw0 = dw.copy()
-        result = in_place(w, dw, config, scratch=np.empty_like(w) if t % 2 else None)
+        result = in_place(w, dw, config)
         if not (isinstance(result, tuple) and len(result) == 2 and result[0] is w):
             _fail(what, f"its in-place variant must return (w, config) with w itself, updated in place (step {t + 1})")
         config = result[1]

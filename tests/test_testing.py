@@ -1,10 +1,7 @@
 """dpnet.testing: every registered layer and rule passes (plugins included), and broken ones are caught, each with
 a message that says what is wrong."""
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,23 +10,7 @@ from dpnet import layers, optim, registry
 from dpnet.registry import Layer
 from dpnet.testing import check_layer, check_plugin, check_update_rule, gradient_error
 
-_spec = importlib.util.spec_from_file_location(
-    "dpnet_plugin_fixtures_install", Path(__file__).with_name("plugin_fixtures") / "fake_install.py")
-fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixtures)
-
-
-@pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
-    monkeypatch.delenv("DPNET_DISABLE_PLUGINS", raising=False)
-    monkeypatch.delenv("DPNET_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    registry.reset()
-    before = set(sys.modules)
-    yield
-    registry.reset()
-    for name in set(sys.modules) - before:
-        if name.startswith("dpnetfx_"):
-            del sys.modules[name]
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 def _registered():
@@ -247,13 +228,11 @@ def test_rule_upcasting_float32():
 
 
 # ---------------------------------------------------------------------------------------------------- check_plugin
-def test_check_plugin(tmp_path, monkeypatch):
+def test_check_plugin(install, monkeypatch):
     with pytest.raises(AssertionError, match=r"plugin 'fxgood' is not installed: no entry point 'fxgood' in the "
                                              r"group 'dpnet' \(installed plugins: .*dpnet"):
         check_plugin("fxgood")
-    fixtures.fake_install(tmp_path, "good")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    registry.reset()
+    install("good")
     info = check_plugin("fxgood")
     assert info.layers == {"activation": ["fx_softsign"], "normalization": ["fx_scale"], "loss": ["fx_squared"]}
     assert info.update_rules == ["fx_signsgd"]
@@ -269,7 +248,7 @@ def test_in_place_variant_is_checked_against_the_rule():
         config.setdefault("learning_rate", 1e-2)
         return w - config["learning_rate"] * dw, config
 
-    def good(w, dw, config=None, scratch=None):
+    def good(w, dw, config=None):
         config = {} if config is None else config
         config.setdefault("learning_rate", 1e-2)
         w -= config["learning_rate"] * dw
@@ -278,14 +257,14 @@ def test_in_place_variant_is_checked_against_the_rule():
     rule.in_place = good
     check_update_rule(rule)
 
-    def reallocates(w, dw, config=None, scratch=None):
+    def reallocates(w, dw, config=None):
         return rule(w, dw, config)
 
     rule.in_place = reallocates
     with pytest.raises(AssertionError, match="in-place variant must return \\(w, config\\) with w itself"):
         check_update_rule(rule)
 
-    def differs(w, dw, config=None, scratch=None):
+    def differs(w, dw, config=None):
         w, config = good(w, dw, config)
         w *= 1.001
         return w, config

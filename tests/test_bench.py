@@ -1,0 +1,56 @@
+"""python -m dpnet.bench at minimal sizes: it runs, prints its table and writes the JSON it promises."""
+
+import importlib.util
+import json
+
+from dpnet import bench
+
+TINY = ["--hidden-dims", "16", "--batch-size", "8", "--dtypes", "float32", "--repeats", "2", "--warmup", "1",
+        "--rounds", "1", "--threads", "1"]
+
+
+def _run(tmp_path, *args):
+    path = tmp_path / "bench.json"
+    bench.main([*TINY, *args, "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+def test_step_and_torch_sections(tmp_path, capsys):
+    results = _run(tmp_path, "--sections", "step", "torch", "--rules", "sgd", "adam", "--torch-rules", "adam")
+    assert {"environment", "config", "step", "torch"} <= results.keys()
+    assert "numpy" in results["environment"] and results["environment"]["load_average"]
+    assert [(r["dtype"], r["rule"]) for r in results["step"]] == [("float32", "sgd"), ("float32", "adam")]
+    for row in results["step"]:
+        assert row["step_ms"] > 0 and row["floor_ms"] > 0 and row["ratio"] > 0 and row["samples_per_sec"] > 0
+        assert len(row["step_times"]) == len(row["floor_times"]) == 2
+    torch = results["torch"]
+    if importlib.util.find_spec("torch") is None:
+        assert not torch["available"] and "pip install torch==2.13.0" in torch["rows"][0]["note"]
+    else:
+        assert torch["rows"][0]["speedup"] > 0 and torch["torch"]["threads"] == 1
+    out = capsys.readouterr().out
+    assert "step vs BLAS floor" in out and "dpnet vs PyTorch" in out and "float32 adam" in out
+
+
+def test_distributed_section(tmp_path, mpiexec):
+    results = _run(tmp_path, "--sections", "distributed", "--allreduce-repeats", "2")
+    section = results["distributed"]
+    assert section["available"] and section["processes"] == 2
+    for key in ("serial_step_ms", "parallel_step_ms", "speedup", "allreduce_share", "solver_allreduce_share",
+                "allreduce_ms", "fused_ms", "pickled_ms", "fused_speedup"):
+        assert section[key] > 0, key
+
+
+def test_memory_section_without_data_says_what_it_needs(tmp_path):
+    results = _run(tmp_path, "--sections", "memory", "--data-dir", str(tmp_path / "nowhere"))
+    assert not results["memory"]["available"] and "--data-dir" in results["memory"]["note"]
+
+
+def test_memory_section(tmp_path, cifar10_dir, mpiexec):
+    results = _run(tmp_path, "--sections", "memory", "--data-dir", str(cifar10_dir), "--memory-hidden-dims", "16",
+                   "--memory-steps", "2", "--memory-processes", "1", "2")
+    jobs = results["memory"]["jobs"]
+    assert sorted(jobs) == ["1", "2"] and [len(jobs[p]["ranks"]) for p in ("1", "2")] == [1, 2]
+    for rank in jobs["2"]["ranks"]:
+        assert rank["steps"] == 2 and rank["peak_rss_mb"] > rank["pss_mb"] > 0  # the shared data counts once
+    assert jobs["1"]["pss_ratio"] == 1 and jobs["2"]["pss_ratio"] > 1
