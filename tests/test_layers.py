@@ -160,6 +160,17 @@ def test_dropout_gradient_and_seed(rng):
     assert not np.array_equal(first, second)  # a generator advances between steps
 
 
+def test_dropout_of_float32_draws_and_scales_in_float32(rng):
+    x = (rng.standard_normal((400, 300)) + 10).astype(np.float32)
+    out, (_, mask) = dropout_forward(x, {"mode": "train", "p": 0.7, "rng": np.random.default_rng(0)})
+    assert out.dtype == mask.dtype == np.float32
+    assert set(np.unique(mask)) == {0, np.float32(1) / np.float32(0.7)}
+    assert abs((mask != 0).mean() - 0.7) < 0.01
+    np.testing.assert_array_equal(out, x * mask)
+    again, _ = dropout_forward(x, {"mode": "train", "p": 0.7, "rng": np.random.default_rng(0)})
+    np.testing.assert_array_equal(again, out)
+
+
 @pytest.mark.parametrize("p", [0, -0.1, 1.5])
 def test_dropout_rejects_bad_keep_probability(p):
     with pytest.raises(ValueError, match="keep probability"):
