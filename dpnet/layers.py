@@ -122,8 +122,10 @@ def batchnorm_forward(x, gamma, beta, bn_param):
         xc = x - mean
         var = reducer(np.einsum("ij,ij->j", xc, xc)) / count
     std = np.sqrt(var + eps)
-    xhat = xc / std
-    out = xhat * gamma + beta
+    xhat = xc
+    xhat /= std  # in place: xc is ours, and no longer needed
+    out = xhat * gamma
+    out += beta
 
     bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean
     bn_param["running_var"] = momentum * running_var + (1 - momentum) * var
@@ -170,7 +172,9 @@ def batchnorm_backward_alt(dout, cache):
     else:
         sums = _global_sum(np.concatenate((dbeta, dgamma)), n_local, count, reducer)
         sum_dbeta, sum_dgamma = sums[: dbeta.size], sums[dbeta.size :]
-    dx = (gamma / std) * (dout - sum_dbeta / count - xhat * (sum_dgamma / count))
+    dx = dout - sum_dbeta / count
+    dx -= xhat * (sum_dgamma / count)
+    dx *= gamma / std
     return dx, dgamma, dbeta
 
 
