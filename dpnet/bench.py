@@ -264,7 +264,8 @@ def worker_distributed(spec):
     input_dim = int(np.prod(INPUT_SHAPE))
     data = dict(X_train=rng.standard_normal((n_train, input_dim)).astype(dtype),
                 y_train=rng.integers(NUM_CLASSES, size=n_train),
-                X_val=rng.standard_normal((batch, input_dim)).astype(dtype), y_val=rng.integers(NUM_CLASSES, size=batch))
+                X_val=rng.standard_normal((batch, input_dim)).astype(dtype),
+                y_val=rng.integers(NUM_CLASSES, size=batch))
     model = FullyConnectedNet(spec["hidden_dims"], dtype=dtype, seed=0)
     total = spec["warmup"] + spec["repeats"]
     solver = TimedSolver(model, data, update_rule=spec["rule"], optim_config={"learning_rate": 1e-4},
@@ -514,7 +515,8 @@ def table_rows(results, args):
                      f"{dist['parallel_step_ms']:.2f} ms", f"{dist['serial_step_ms']:.2f} ms",
                      f"{dist['speedup']:.2f}x", ""))
         rows.append(("1 vs P processes", f"Allreduce share, {P} processes",
-                     f"{dist['allreduce_ms']:.2f} ms of the step", f"with packing {100 * dist['solver_allreduce_share']:.1f}%",
+                     f"{dist['allreduce_ms']:.2f} ms of the step",
+                     f"with packing {100 * dist['solver_allreduce_share']:.1f}%",
                      f"{100 * dist['allreduce_share']:.1f}%", "<= 10%"))
         rows.append(("1 vs P processes", f"fused vs pickled ({dist['gradient_megabytes']:.1f} MB)",
                      f"{dist['fused_ms']:.2f} ms (call alone {dist['reduce_only_ms']:.2f})",
@@ -550,7 +552,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="python -m dpnet.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
-    parser.add_argument("--hidden-dims", type=int, nargs="+", default=[512, 512], help="MLP of every section but memory")
+    parser.add_argument("--hidden-dims", type=int, nargs="+", default=[512, 512],
+                        help="hidden layers of the MLP of every section but memory")
     parser.add_argument("--batch-size", type=int, default=256, help="(global) minibatch size")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "float64"), default=["float32", "float64"])
     parser.add_argument("--rules", nargs="+", default=["sgd", "sgd_momentum", "adam"], help="update rules of 'step'")
@@ -563,7 +566,7 @@ def build_parser():
     parser.add_argument("--processes", type=int, default=2, help="processes of the distributed section")
     parser.add_argument("--allreduce-repeats", type=int, default=30, help="fused/pickled Allreduce repetitions")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="CIFAR-10 for the memory section (default: $DPNET_DATA_DIR, else dpnet's data folder)")
+                        help="CIFAR-10 for the memory section (None: $DPNET_DATA_DIR, else dpnet's data folder)")
     parser.add_argument("--memory-processes", type=int, nargs="+", default=[1, 4], help="jobs of the memory section")
     parser.add_argument("--memory-steps", type=int, default=40, help="training steps of each memory job")
     parser.add_argument("--memory-hidden-dims", type=int, nargs="+", default=None,
