@@ -15,6 +15,7 @@ call), `grad_norm`, `batch_size`, `step_seconds` and `samples_per_sec`; the epoc
 """
 
 import time
+import weakref
 
 import numpy as np
 
@@ -92,7 +93,9 @@ class Solver:
         self._setup_model()
         self._fused = None  # the gradient buffer of the allreduce, laid out at the first step
         self._in_place = getattr(self._rule, "in_place", None)  # the rule's in-place variant, if it has one
-        self._owned = {}  # name -> the parameter array this Solver made, which it may update in place
+        # name -> the parameter array this Solver made, which it may update in place (weak: an array the model no
+        # longer holds, e.g. after use_params, is not kept alive for it)
+        self._owned = weakref.WeakValueDictionary()
         self._reset()
 
     # ----------------------------------------------------------------------------------------------- setup

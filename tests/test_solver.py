@@ -368,3 +368,16 @@ def test_parameters_are_updated_in_place_but_arrays_held_elsewhere_never_change(
     solver._step()
     np.testing.assert_array_equal(replaced, kept)
     assert model.params["W1"] is not replaced
+
+
+def test_the_solver_keeps_no_parameter_array_the_model_dropped(data):
+    import gc
+    import weakref
+
+    model = _model()
+    solver = Solver(model, data, update_rule="sgd_momentum", batch_size=30, num_epochs=1, verbose=False)
+    solver._step()
+    trained = [weakref.ref(solver._owned[name]) for name in model.params]
+    model.params = {name: value.copy() for name, value in model.params.items()}  # as use_params does
+    gc.collect()
+    assert all(ref() is None for ref in trained)
