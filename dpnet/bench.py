@@ -281,6 +281,9 @@ def worker_distributed(spec):
     result.update(allreduce=reduces.tolist(), share=float(np.median(reduces / steps)),
                   solver_allreduce=packed.tolist(), solver_share=float(np.median(packed / steps)))
     result.update(compare_fused_and_pickled(comm, model, data, spec["allreduce_repeats"]))
+    import mpi4py
+
+    result.update(mpi4py=mpi4py.__version__, mpi=comm._MPI.Get_library_version().strip().splitlines()[0])
     return comm.comm.gather(result, root=0)
 
 
@@ -345,7 +348,8 @@ def section_distributed(args):
         fused_ms=median_ms(collect("fused")), reduce_only_ms=median_ms(collect("reduce_only")),
         pickled_ms=median_ms(collect("pickled")),
         fused_speedup=float(np.median(collect("pickled")) / np.median(collect("fused"))),
-        gradient_megabytes=first["gradient_bytes"] / 1e6, gradient_arrays=first["gradient_arrays"], runs=runs)
+        gradient_megabytes=first["gradient_bytes"] / 1e6, gradient_arrays=first["gradient_arrays"],
+        mpi=first["mpi"], mpi4py=first["mpi4py"], runs=runs)
 
 
 # ----------------------------------------------------------------------------------------------- 4. memory
