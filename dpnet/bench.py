@@ -354,13 +354,15 @@ def section_distributed(args):
 
 # ----------------------------------------------------------------------------------------------- 4. memory
 def memory_now():
-    """(RSS, PSS) of this process now, in MB, from /proc/self/smaps_rollup (None, None where there is none)."""
+    """(RSS, PSS, USS) of this process now, in MB, from /proc/self/smaps_rollup (Nones where there is none). USS is
+    the memory private to the process (Private_Clean + Private_Dirty): what one more process costs."""
+    keys = ("Rss:", "Pss:", "Private_Clean:", "Private_Dirty:")
     try:
         with open("/proc/self/smaps_rollup") as f:
-            fields = dict(line.split()[:2] for line in f if line.split()[0] in ("Rss:", "Pss:"))
+            fields = {parts[0]: int(parts[1]) / 1024 for parts in map(str.split, f) if parts and parts[0] in keys}
     except OSError:
-        return None, None
-    return int(fields["Rss:"]) / 1024, int(fields["Pss:"]) / 1024
+        return None, None, None
+    return fields["Rss:"], fields["Pss:"], fields["Private_Clean:"] + fields["Private_Dirty:"]
 
 
 def worker_memory(spec):
@@ -391,9 +393,9 @@ def worker_memory(spec):
                            comm=comm)
     solver.train()
     comm.barrier()
-    rss, pss = memory_now()
+    rss, pss, uss = memory_now()
     result = dict(rank=comm.rank, steps=solver.iteration, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                  / 1024, rss_mb=rss, pss_mb=pss, peak_pss_mb=max(peak_pss[0], pss or 0.0))
+                  / 1024, rss_mb=rss, pss_mb=pss, uss_mb=uss, peak_pss_mb=max(peak_pss[0], pss or 0.0))
     comm.barrier()  # nobody exits (unmapping shared pages) before everyone has read its PSS
     return comm.comm.gather(result, root=0) if comm.size > 1 else [result]
 
@@ -531,8 +533,10 @@ def table_rows(results, args):
     elif mem is not None:
         for job in mem["jobs"].values():
             p = job["processes"]
+            private = np.mean([r["uss_mb"] or 0.0 for r in job["ranks"]])
             rows.append(("memory (CIFAR-10)", f"{p} process{'es' if p > 1 else ''}, peak PSS (sum)",
-                         f"{job['total_peak_pss_mb']:.0f} MB", f"peak RSS (sum) {job['total_peak_rss_mb']:.0f} MB",
+                         f"{job['total_peak_pss_mb']:.0f} MB ({private:.0f} MB private each)",
+                         f"peak RSS (sum) {job['total_peak_rss_mb']:.0f} MB",
                          f"{job['pss_ratio']:.2f}" if "pss_ratio" in job else "",
                          "<= 1.5" if p > 1 and "pss_ratio" in job else ""))
     return rows
