@@ -58,7 +58,23 @@ def mpiexec():
 
 
 @pytest.fixture(scope="session")
-def run_mpi(mpiexec):
+def clean_env():
+    """clean_env(**extra): this environment without launcher or thread-count variables (a child must not think it
+    was started by mpiexec), with this checkout first on PYTHONPATH, plus `extra`."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def make(**extra):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(_MPI_LAUNCHER_PREFIXES) and k not in _MPI_SCRUBBED}
+        env["PYTHONPATH"] = os.pathsep.join([str(repo)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        env.update(extra)
+        return env
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_mpi(mpiexec, clean_env):
     """run_mpi(n, script, *args, timeout=60, **env): run `mpiexec -n n python tests/mpi_scripts/<script> args...`.
 
     The child gets a clean environment (no launcher or thread-count variables, this checkout first on PYTHONPATH)
@@ -70,13 +86,8 @@ def run_mpi(mpiexec):
     import sys
     import time
 
-    repo = Path(__file__).resolve().parents[1]
-
     def run(n, script, *args, timeout=60, **env):
-        child_env = {k: v for k, v in os.environ.items()
-                     if not k.startswith(_MPI_LAUNCHER_PREFIXES) and k not in _MPI_SCRUBBED}
-        child_env["PYTHONPATH"] = os.pathsep.join([str(repo)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-        child_env.update(env)
+        child_env = clean_env(**env)
         cmd = [mpiexec, "-n", str(n), sys.executable, str(MPI_SCRIPTS / script), *map(str, args)]
         start = time.monotonic()
         proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -99,3 +110,52 @@ def run_mpi(mpiexec):
 def dpnet_cache_dir(tmp_path_factory):
     """A DPNET_CACHE_DIR for the whole test session (the uint8 image cache of CIFAR-10 is built once)."""
     return tmp_path_factory.mktemp("dpnet-cache")
+
+
+# ----------------------------------------------------------------------------------------------- plugins
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """A fresh plugin registry with autoload on; plugin fixture modules imported by the test are forgotten after."""
+    import sys
+
+    from dpnet import registry
+
+    monkeypatch.delenv("DPNET_DISABLE_PLUGINS", raising=False)
+    monkeypatch.delenv("DPNET_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    registry.reset()
+    before = set(sys.modules)
+    yield
+    registry.reset()
+    for name in set(sys.modules) - before:
+        if name.startswith("dpnetfx_"):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A folder on sys.path standing in for site-packages."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+@pytest.fixture
+def install(site, clean_registry):
+    """install(*names): the named distributions of tests/plugin_fixtures appear installed (importlib.metadata finds
+    their entry points, as after pip install), and the registry is reset to load them."""
+    import importlib.util
+
+    from dpnet import registry
+
+    spec = importlib.util.spec_from_file_location(
+        "dpnet_plugin_fixtures_install", Path(__file__).with_name("plugin_fixtures") / "fake_install.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+
+    def install(*names):
+        for name in names:
+            fixtures.fake_install(site, name)
+        registry.reset()
+
+    return install

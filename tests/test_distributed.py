@@ -22,47 +22,15 @@ from dpnet.distributed import (SerialCommunicator, check_in_sync, fault_injectio
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
-# Variables that would make a child think it was started by a launcher, or change the thread counts under test.
-_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "SLURM_", "HYDRA_")
-_SCRUBBED = ("DPNET_FAULT_INJECT", "DPNET_BLAS_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES) and k not in _SCRUBBED}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env.update(extra)
-    return env
-
-
-def _mpiexec():
-    """The mpiexec next to this interpreter (the mpich wheel's), else the one on PATH; skip (fail on CI) if none."""
-    local = Path(sys.executable).parent / "mpiexec"
-    found = str(local) if local.is_file() else shutil.which("mpiexec")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        found, why = None, "mpi4py is not installed (pip install dpnet[mpi])"
-    else:
-        why = "no mpiexec next to the interpreter nor on PATH (pip install dpnet[mpi])"
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail(why, pytrace=False)
-        pytest.skip(why)
-    return found
-
-
-def _mpi_command(n, script, *args):
-    return [_mpiexec(), "-n", str(n), sys.executable, str(SCRIPTS / script), *map(str, args)]
-
-
-def run_mpi(n, script, *args, timeout=60, **env):
-    return subprocess.run(_mpi_command(n, script, *args), env=_clean_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def run_python(code, timeout=60, **env):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_clean_env(**env), capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+@pytest.fixture
+def run_python(clean_env):
+    """run_python(code, timeout=60, **env): `python -c code` in a clean environment (see conftest.clean_env)."""
+    def run(code, timeout=60, **env):
+        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=clean_env(**env),
+                              capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------- serial, in process
@@ -154,7 +122,7 @@ def test_blas_threads_precedence(monkeypatch, restore_blas_threads):
 
 # ----------------------------------------------------------------------------------------------- serial, subprocess
 @pytest.mark.timeout(60)
-def test_plain_process_is_serial_without_importing_mpi4py():
+def test_plain_process_is_serial_without_importing_mpi4py(run_python):
     result = run_python("""
         import sys
         import numpy as np
@@ -174,18 +142,17 @@ def test_plain_process_is_serial_without_importing_mpi4py():
 
 # ----------------------------------------------------------------------------------------------- MPI
 @pytest.mark.timeout(60)
-def test_one_process_under_mpiexec_is_serial():
+def test_one_process_under_mpiexec_is_serial(mpiexec, clean_env):
     code = ("import sys; from dpnet.distributed import get_communicator, SerialCommunicator; "
             "assert type(get_communicator()) is SerialCommunicator; assert 'mpi4py' not in sys.modules; print('ok')")
-    cmd = [_mpiexec(), "-n", "1", sys.executable, "-c", code]
-    result = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=30)
+    cmd = [mpiexec, "-n", "1", sys.executable, "-c", code]
+    result = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 @pytest.mark.timeout(60)
-def test_launcher_and_mpi_disagreeing_is_an_error():
+def test_launcher_and_mpi_disagreeing_is_an_error(mpiexec, run_python):
     """As under srun without a PMI plugin: Slurm says 2 tasks, but each process initializes MPI alone."""
-    _mpiexec()
     result = run_python("from dpnet.distributed import get_communicator; get_communicator()", SLURM_STEP_NUM_TASKS="2")
     assert result.returncode == 1
     assert "the launcher started 2 processes but MPI sees 1" in result.stderr
@@ -193,7 +160,7 @@ def test_launcher_and_mpi_disagreeing_is_an_error():
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("n", [2, 3])
-def test_collectives(n):
+def test_collectives(n, run_mpi):
     """allreduce sum/max/min in place (float32, float64, int64), bcast, errors, reducer, check_in_sync."""
     result = run_mpi(n, "collectives.py")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -201,7 +168,7 @@ def test_collectives(n):
 
 
 @pytest.mark.timeout(60)
-def test_fault_on_one_rank_aborts_the_whole_job():
+def test_fault_on_one_rank_aborts_the_whole_job(run_mpi):
     start = time.monotonic()
     result = run_mpi(3, "fault.py", timeout=30, DPNET_FAULT_INJECT="rank=1,step=5")
     elapsed = time.monotonic() - start
@@ -215,8 +182,9 @@ def test_fault_on_one_rank_aborts_the_whole_job():
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_on_a_rank_blocked_in_allreduce_aborts_the_whole_job(sig, tmp_path):
-    proc = subprocess.Popen(_mpi_command(3, "wait_for_signal.py", tmp_path), env=_clean_env(),
+def test_signal_on_a_rank_blocked_in_allreduce_aborts_the_whole_job(sig, tmp_path, mpiexec, clean_env):
+    cmd = [mpiexec, "-n", "3", sys.executable, str(SCRIPTS / "wait_for_signal.py"), str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
@@ -238,7 +206,7 @@ def test_signal_on_a_rank_blocked_in_allreduce_aborts_the_whole_job(sig, tmp_pat
 
 
 @pytest.mark.timeout(60)
-def test_blas_threads_split_the_cores_between_ranks():
+def test_blas_threads_split_the_cores_between_ranks(run_mpi):
     result = run_mpi(2, "blas_threads.py")
     assert result.returncode == 0, result.stderr
     ranks = json.loads(result.stdout)
@@ -251,8 +219,8 @@ LAUNCH = REPO / "launch"
 
 
 @pytest.mark.parametrize("args", [[], ["0"], ["-2"], ["two"], [""]])
-def test_local_sh_rejects_a_bad_process_count(args):
-    result = subprocess.run(["bash", str(LAUNCH / "local.sh"), *args], env=_clean_env(), capture_output=True,
+def test_local_sh_rejects_a_bad_process_count(args, clean_env):
+    result = subprocess.run(["bash", str(LAUNCH / "local.sh"), *args], env=clean_env(), capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 2, result.stderr
     assert "number of processes" in result.stderr and "usage" in result.stderr.lower()

@@ -5,7 +5,6 @@ folder on sys.path (see tests/plugin_fixtures/README.md): importlib.metadata and
 pip-installed ones.
 """
 
-import importlib.util
 import re
 import sys
 import time
@@ -20,41 +19,9 @@ import dpnet
 from dpnet import builtins, hookspecs, layers, optim, registry, testing
 from dpnet.registry import Layer, PluginError, UnknownNameError
 
-_spec = importlib.util.spec_from_file_location(
-    "dpnet_plugin_fixtures_install", Path(__file__).with_name("plugin_fixtures") / "fake_install.py")
-fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixtures)
-
 ENV = ("DPNET_DISABLE_PLUGINS", "DPNET_DISABLE_PLUGIN_AUTOLOAD")
 BUILTIN = f"dpnet {dpnet.__version__} (built-in)"
-
-
-@pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
-    for name in ENV:
-        monkeypatch.delenv(name, raising=False)
-    registry.reset()
-    before = set(sys.modules)
-    yield
-    registry.reset()
-    for name in set(sys.modules) - before:
-        if name.startswith("dpnetfx_"):
-            del sys.modules[name]
-
-
-@pytest.fixture
-def install(tmp_path, monkeypatch):
-    """install(*fixture_names): make those fixture distributions visible to importlib.metadata, then reset."""
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-
-    def install(*names):
-        for name in names:
-            fixtures.fake_install(site, name)
-        registry.reset()
-
-    return install
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 def relu_layer(name="r", kind="activation", forward=layers.relu_forward, backward=layers.relu_backward):
@@ -123,7 +90,7 @@ def test_unknown_name_lists_what_is_available_and_who_provides_it():
     message = str(info.value)
     assert isinstance(info.value, ValueError)
     assert "unknown activation 'rleu'; did you mean 'relu'?" in message
-    assert f"Available activations: " in message and f"relu from {BUILTIN}" in message
+    assert "Available activations: " in message and f"relu from {BUILTIN}" in message
     assert info.value.available["relu"] == BUILTIN and info.value.kind == "activation"
 
     with pytest.raises(UnknownNameError, match=r"unknown update rule 'sgd_momentun'; did you mean 'sgd_momentum'.*"

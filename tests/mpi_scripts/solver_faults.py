@@ -13,19 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from toy import toy_data, toy_model
 
-from dpnet.classifiers.fc_net import FullyConnectedNet
 from dpnet.distributed import get_communicator
 from dpnet.solver import Solver
 
 mode = sys.argv[1]
 comm = get_communicator()
-rng = np.random.default_rng(0)
-y = rng.integers(5, size=400)
-X = rng.standard_normal((400, 3, 4, 4)) + y[:, None, None, None]
-data = dict(X_train=X[:300], y_train=y[:300], X_val=X[300:], y_val=y[300:])
-model = FullyConnectedNet([20], input_dim=48, num_classes=5, weight_scale=0.1, dtype=np.float64, seed=0)
+data, model = toy_data(), toy_model()
 solver = Solver(model, data, optim_config={"learning_rate": 1e30 if mode == "nan" else 1e-2}, batch_size=30,
                 num_epochs=3, seed=1, comm=comm, verbose=False)
 

@@ -1,6 +1,6 @@
 """Provides an update rule named adam, as dpnet does."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl

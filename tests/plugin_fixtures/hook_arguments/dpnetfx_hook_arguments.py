@@ -1,6 +1,6 @@
 """Its dpnet_layers takes an argument the spec does not have."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl

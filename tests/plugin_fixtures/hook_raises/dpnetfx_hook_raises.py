@@ -1,6 +1,6 @@
 """Its dpnet_layers hook raises."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl

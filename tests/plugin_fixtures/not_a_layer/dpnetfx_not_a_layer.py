@@ -1,6 +1,6 @@
 """dpnet_layers returns a tuple instead of a dpnet.Layer."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl

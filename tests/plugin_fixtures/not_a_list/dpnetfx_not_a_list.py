@@ -1,6 +1,6 @@
 """dpnet_layers returns a dict instead of a list."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl

@@ -1,6 +1,6 @@
 """Uses the plugin name dpnet, reserved for the built-ins."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl

@@ -1,6 +1,6 @@
 """An update rule without a config."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl

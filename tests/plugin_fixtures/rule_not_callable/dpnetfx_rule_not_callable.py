@@ -1,6 +1,6 @@
 """An update rule that is not callable."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl

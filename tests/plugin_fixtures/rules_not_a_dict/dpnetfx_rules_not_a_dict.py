@@ -1,6 +1,6 @@
 """dpnet_update_rules returns a list."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl

@@ -1,6 +1,6 @@
 """Plugin name fxsamename (so does dpnetfx-same-name-b)."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl

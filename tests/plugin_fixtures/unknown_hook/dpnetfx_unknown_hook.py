@@ -1,6 +1,6 @@
 """Implements dpnet_layer (a typo of dpnet_layers)."""
 
-from dpnet.registry import Layer, hookimpl
+from dpnet.registry import hookimpl
 
 
 @hookimpl
