@@ -35,25 +35,25 @@ DEFAULTS = dict(
     data_dir=None,
     download=False,
     num_train=49000,
-    hidden_dims=[1024, 1024],
+    hidden_dims=[1024, 512],
     activation="relu",
     normalization="batchnorm",
-    dropout=0.6,
-    reg=1e-4,
-    weight_scale=1e-2,
+    dropout=1.0,
+    reg=0.0,
+    weight_scale=2e-2,
     loss="softmax",
-    update_rule="adam",
-    lr=1e-3,
+    update_rule="sgd_momentum",
+    lr=5e-2,
     lr_decay=0.95,
-    lr_schedule="exponential",
+    lr_schedule="cosine",
     lr_milestones=[],
-    warmup_epochs=0.0,
-    weight_decay=0.0,
-    label_smoothing=0.0,
-    augment=False,
+    warmup_epochs=2.0,
+    weight_decay=5e-3,
+    label_smoothing=0.1,
+    augment=True,
     crop_padding=4,
     batch_size=256,
-    epochs=60,
+    epochs=100,
     dtype="float32",
     seed=0,
     logdir=None,
@@ -262,8 +262,6 @@ def check_config(config, num_processes):
     need(config["weight_decay"] >= 0, "weight_decay", ">= 0")
     need(0 <= config["label_smoothing"] < 1, "label_smoothing", "in [0, 1)")
     need(config["crop_padding"] >= 0, "crop_padding", ">= 0")
-    need(config["label_smoothing"] == 0 or config["loss"] == "softmax", "label_smoothing",
-         "0 with a loss other than softmax")
     need(config["batch_size"] >= 1, "batch_size", "a positive integer")
     need(config["epochs"] >= 1, "epochs", "a positive integer")
     need(config["checkpoint_every"] >= 0, "checkpoint_every", ">= 0")
@@ -285,6 +283,8 @@ def check_config(config, num_processes):
                                  f"{', '.join(extra + list(names))} (`python -m dpnet.plugins` lists the providers)")
     except registry.PluginError as exc:
         raise UsageError(f"a plugin is broken: {exc}") from None
+    need(config["label_smoothing"] == 0 or config["loss"] == "softmax", "label_smoothing",
+         "0 with a loss other than softmax")
 
 
 def short_name(config):

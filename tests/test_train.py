@@ -303,6 +303,9 @@ BAD = {
     "unknown activation": (["--activation", "swishy"], "unknown --activation 'swishy'; the choices are: "),
     "unknown normalization": (["--normalization", "groupnormz"], "the choices are: none, batchnorm"),
     "unknown loss": (["--loss", "hinge"], "unknown --loss 'hinge'; the choices are: "),
+    "smoothing a hinge": (["--loss", "svm"], "--label-smoothing must be 0 with a loss other than softmax, got 0.1"),
+    "unknown schedule": (["--lr-schedule", "linear"], "--lr-schedule must be one of exponential, step, cosine"),
+    "negative weight decay": (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
     "unknown update rule": (["--update-rule", "nadamz"], "unknown --update-rule 'nadamz'; the choices are: "),
     "zero epochs": (["--epochs", "0"], "--epochs must be a positive integer"),
     "dropout 0": (["--dropout", "0"], "--dropout must be a keep probability in (0, 1]"),
@@ -346,7 +349,9 @@ def test_help_explains_every_flag_with_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for key, value in train.DEFAULTS.items():
         assert train.flag(key) in text
-    assert "--hidden-dims [N ...]" in text and "(default: 1024 1024)" in text
+    hidden = " ".join(map(str, train.DEFAULTS["hidden_dims"]))
+    assert "--hidden-dims [N ...]" in text and f"(default: {hidden})" in text
+    assert "--augment, --no-augment" in text
     assert f"(default: {train.DEFAULTS['lr']})" in text and "--config FILE" in text
 
 
