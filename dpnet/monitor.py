@@ -15,6 +15,7 @@ Nothing here imports tensorboardX or matplotlib until it is used.
 
 import glob
 import itertools
+import logging
 import math
 import os
 import struct
@@ -88,6 +89,9 @@ class TensorBoardMonitor(Monitor):
     def scalar(self, tag, value, step):
         from tensorboardX.summary import scalar
 
+        # A non-finite value (a diverging run's last loss or gradient norm) is written as it is; tensorboardX would
+        # also log a warning to stderr, but the run reports the divergence itself, in one message.
+        logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
         self._write(scalar(tag, float(value)), step)
 
     def histogram(self, tag, values, step):
