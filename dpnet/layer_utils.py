@@ -38,7 +38,10 @@ def affine_norm_act_forward(x, w, b, activation, norm=None, gamma=None, beta=Non
     norm_cache = dropout_cache = None
     if norm is not None:
         out, norm_cache = norm.forward(out, gamma, beta, norm_param)
-    out, act_cache = activation.forward(out)
+    if activation.forward is relu_forward and out is not x:  # out is a fresh array of ours: no copy needed
+        out, act_cache = relu_forward(out, overwrite_x=True)
+    else:
+        out, act_cache = activation.forward(out)
     if dropout_param is not None:
         out, dropout_cache = dropout_forward(out, dropout_param)
     return out, (fc_cache, norm, norm_cache, activation, act_cache, dropout_cache)

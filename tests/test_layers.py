@@ -7,7 +7,10 @@ import pytest
 
 from dpnet.gradient_check import eval_numerical_gradient, eval_numerical_gradient_array, rel_error
 from dpnet.layers import (batchnorm_backward, batchnorm_backward_alt, batchnorm_forward, dropout_backward,
-                          dropout_forward, layernorm_backward, layernorm_forward, softmax_loss, svm_loss)
+                          dropout_forward, layernorm_backward, layernorm_forward, relu_backward, relu_forward,
+                          softmax_loss, svm_loss)
+from dpnet.layer_utils import affine_norm_act_forward
+from dpnet.registry import get_layer
 
 
 @pytest.fixture
@@ -22,6 +25,25 @@ def _norm_grads(forward, backward, x, gamma, beta, param, dout):
                                                  h=1e-3, order=4)
                for v in (x, gamma, beta)]
     return analytic, numeric
+
+
+def test_relu_in_place_only_when_asked(rng):
+    x = rng.standard_normal((6, 5))
+    kept = x.copy()
+    out, cache = relu_forward(x)
+    assert np.array_equal(x, kept) and np.array_equal(out, np.maximum(kept, 0))
+    dout = rng.standard_normal(x.shape)
+    assert np.array_equal(relu_backward(dout, cache), relu_backward(dout, x))  # the output or the input as cache
+    out, _ = relu_forward(x, overwrite_x=True)
+    assert out is x and np.array_equal(x, np.maximum(kept, 0))
+
+
+def test_sandwich_relu_leaves_its_inputs_alone(rng):
+    x, w, b = rng.standard_normal((4, 3)), rng.standard_normal((3, 5)), rng.standard_normal(5)
+    copies = [a.copy() for a in (x, w, b)]
+    out, _ = affine_norm_act_forward(x, w, b, get_layer("activation", "relu"))
+    assert np.array_equal(out, np.maximum(copies[0] @ copies[1] + copies[2], 0))
+    assert all(np.array_equal(a, c) for a, c in zip((x, w, b), copies))
 
 
 @pytest.mark.parametrize("backward", [batchnorm_backward, batchnorm_backward_alt])
