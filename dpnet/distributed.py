@@ -331,8 +331,10 @@ class FusedBuffer:
     collective moves them all: allocated once, then reused every step.
 
     Build it from a dict of arrays (name -> ndarray; the buffer has their common dtype). `views[name]` is a view of the
-    buffer shaped like arrays[name]; `extra` is the view of the trailing slots; `pack(arrays, scale)` writes
-    scale * arrays into the buffer (the only copy); after a collective on `buffer` the views hold the results.
+    buffer shaped like arrays[name]; `extra` is the view of the trailing slots and `body` of everything before them;
+    `pack(arrays, scale)` writes scale * arrays into the buffer (the only copy), unless the arrays already are the
+    views (a model that wrote its gradients into them), which are then scaled in place; after a collective on `buffer`
+    the views hold the results.
     """
 
     def __init__(self, arrays, extra=0):
@@ -344,7 +346,12 @@ class FusedBuffer:
         for name, size in zip(names, sizes):
             self.views[name] = self.buffer[offset:offset + size].reshape(self.shapes[name])
             offset += size
-        self.extra = self.buffer[offset:]
+        self.body, self.extra = self.buffer[:offset], self.buffer[offset:]
+
+    def matches(self, arrays):
+        """Whether `arrays` has the names, shapes and dtype this buffer was laid out for."""
+        return (arrays.keys() == self.views.keys() and all(np.shape(arrays[k]) == s for k, s in self.shapes.items())
+                and np.result_type(*(arrays[k].dtype for k in self.shapes)) == self.buffer.dtype)
 
     def pack(self, arrays, scale=1):
         """buffer <- scale * arrays (same names and shapes as at construction, else ValueError). Returns the buffer."""
@@ -352,6 +359,10 @@ class FusedBuffer:
             got = {name: np.shape(value) for name, value in sorted(arrays.items())}
             raise ValueError(f"the arrays changed since the fused buffer was laid out: expected {self.shapes}, "
                              f"got {got}")
+        if all(arrays[name] is view for name, view in self.views.items()):
+            if scale != 1:
+                self.body *= scale
+            return self.buffer
         for name, view in self.views.items():
             np.multiply(arrays[name], scale, out=view)
         return self.buffer

@@ -35,21 +35,22 @@ def affine_forward(x, w, b):
     return out, (x, w)
 
 
-def affine_backward(dout, cache, need_dx=True):
+def affine_backward(dout, cache, need_dx=True, dw_out=None, db_out=None):
     """Backward pass of the affine layer.
 
     Inputs:
     - dout: (N, M) upstream gradient
     - cache: (x, w) from affine_forward
     - need_dx: False skips the input gradient (a network's first layer has no use for it), returning None for dx
+    - dw_out, db_out: None, or arrays of shapes (D, M), (M,) that receive dw and db (no allocation)
 
-    Returns (dx, dw, db) of shapes x.shape, (D, M), (M,).
+    Returns (dx, dw, db) of shapes x.shape, (D, M), (M,); dw is dw_out and db is db_out when given.
     """
     x, w = cache
     x2d = x.reshape(x.shape[0], -1)
     dx = (dout @ w.T).reshape(x.shape) if need_dx else None
-    dw = x2d.T @ dout
-    db = dout.sum(axis=0)
+    dw = np.matmul(x2d.T, dout, out=dw_out)
+    db = np.sum(dout, axis=0, out=db_out)
     return dx, dw, db
 
 

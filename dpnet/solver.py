@@ -14,6 +14,8 @@ Monitors (see dpnet.monitor) receive `on_train_begin(solver)`, `on_iteration_end
 call), `grad_norm`, `batch_size`, `step_seconds` and `samples_per_sec`; the epoch info holds `iteration`, `epoch`, `train_acc`, `val_acc` and `learning_rate`.
 """
 
+import functools
+import inspect
 import time
 import weakref
 
@@ -91,7 +93,7 @@ class Solver:
         self.seed = self._shared_seed(options["seed"])
         self.sync_batchnorm = options["sync_batchnorm"]
         self._setup_model()
-        self._fused = None  # the gradient buffer of the allreduce, laid out at the first step
+        self._fused = None  # the gradient buffer (of the allreduce too), laid out at the first step
         self._in_place = getattr(self._rule, "in_place", None)  # the rule's in-place variant, if it has one
         # name -> the parameter array this Solver made, which it may update in place (weak: an array the model no
         # longer holds, e.g. after use_params, is not kept alive for it)
@@ -228,7 +230,7 @@ class Solver:
             for config in self.optim_configs.values():
                 config["learning_rate"] = rate
         try:
-            loss, grads = self.model.loss(X, y)
+            loss, grads = self._gradients(X, y)
         except FloatingPointError as exc:
             raise FloatingPointError(f"{exc}, at iteration {self.iteration + 1}") from exc
         if self.comm.size > 1:
@@ -238,6 +240,16 @@ class Solver:
                                      "(try a smaller learning rate)")
         self._update(grads)
         return float(loss), grads, batch
+
+    def _gradients(self, X, y):
+        """model.loss(X, y). A model that accepts `grads` writes them into views of one buffer laid out once (which
+        is also what the allreduce sends): a step then allocates no parameter-sized array and packs nothing."""
+        params, loss = self.model.params, self.model.loss
+        if not _accepts_grads(getattr(loss, "__func__", loss)) or len({w.dtype for w in params.values()}) != 1:
+            return loss(X, y)
+        if self._fused is None or not self._fused.matches(params):
+            self._fused = FusedBuffer(params, extra=1)
+        return self.model.loss(X, y, grads=dict(self._fused.views))
 
     def _update(self, grads):
         """Apply the update rule, and decoupled weight decay, to every parameter.
@@ -274,9 +286,10 @@ class Solver:
     def _allreduce(self, loss, grads, weight):
         """Sum weight * (grads, loss) over all processes in one buffer, laid out at the first step and reused.
 
-        Packing (scaled) is the only copy: afterwards grads[name] are views of the buffer. Returns the summed loss.
+        Gradients the model wrote into the buffer are scaled in place; others are packed (scaled), the only copy.
+        Afterwards grads[name] are views of the buffer. Returns the summed loss.
         """
-        if self._fused is None:
+        if self._fused is None or not self._fused.matches(grads):
             self._fused = FusedBuffer(grads, extra=1)
         buf = self._fused.pack(grads, weight)
         self._fused.extra[0] = loss * weight
@@ -346,7 +359,10 @@ class Solver:
                 print(f"(Epoch {self.epoch} / {self.num_epochs}) (Iteration {t} / {num_iterations}) "
                       f"loss: {loss:f} train acc: {self.train_acc_history[-1]:f} "
                       f"val_acc: {self.val_acc_history[-1]:f}")
-        self.final_params = {name: value.copy() for name, value in self.model.params.items()}
+        # The last parameters themselves become final_params (the model gets copies of the best ones next): no
+        # parameter-sized copy. Disowned, so that further training never updates them in place.
+        self.final_params = dict(self.model.params)
+        self._owned.clear()
         self.final_norm_state = {name: value.copy() for name, value in self._norm_state().items()}
         self.use_params("best")
         self._notify("on_train_end", self, dict(iteration=self.iteration, epoch=self.epoch,
@@ -421,3 +437,12 @@ class Solver:
             handler = getattr(monitor, event, None)
             if handler is not None:
                 handler(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _accepts_grads(loss_function):
+    """Whether a model's loss function takes the `grads` keyword (output arrays for the gradients)."""
+    try:
+        return "grads" in inspect.signature(loss_function).parameters
+    except (TypeError, ValueError):  # no inspectable signature
+        return False

@@ -156,3 +156,34 @@ def test_label_smoothing_reaches_the_loss():
         FullyConnectedNet([5], loss="svm", label_smoothing=0.1)
     with pytest.raises(ValueError, match="label_smoothing"):
         FullyConnectedNet([5], label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
+def test_gradients_written_into_given_arrays_are_the_same(normalization):
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((8, 15)), rng.integers(10, size=8)
+    model = FullyConnectedNet([20, 30], input_dim=15, num_classes=10, reg=0.3, weight_scale=5e-2, dtype=np.float32,
+                              normalization=normalization, dropout=0.7, seed=1)
+    loss, expected = model.loss(X, y)
+    given = {name: np.full_like(w, np.nan) for name, w in model.params.items()}
+    loss_again, grads = model.loss(X, y, grads=dict(given))
+    assert loss_again == loss and grads.keys() == expected.keys()
+    for name, value in expected.items():
+        assert grads[name] is given[name], name
+        np.testing.assert_array_equal(grads[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("change", ["missing", "shape", "dtype", "readonly"])
+def test_bad_gradient_arrays_are_named(change):
+    model = FullyConnectedNet([4], input_dim=6, num_classes=3, dtype=np.float64, seed=0)
+    grads = {name: np.zeros_like(w) for name, w in model.params.items()}
+    if change == "missing":
+        del grads["b1"]
+    elif change == "shape":
+        grads["b1"] = np.zeros(5)
+    elif change == "dtype":
+        grads["b1"] = grads["b1"].astype(np.float32)
+    else:
+        grads["b1"].flags.writeable = False
+    with pytest.raises(ValueError, match=r"grads\['b1'\] must be a writable float64 array of shape \(4,\)"):
+        model.loss(np.zeros((2, 6)), np.array([0, 1]), grads=grads)

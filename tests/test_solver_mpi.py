@@ -153,6 +153,18 @@ def test_fused_buffer_packs_scaled_arrays_and_hands_back_views():
         fused.pack({**grads, "b": np.ones(3)})
 
 
+def test_fused_buffer_scales_gradients_written_into_it_in_place():
+    grads = {"W": np.arange(6.0).reshape(2, 3), "b": np.array([1.0, 2.0])}
+    fused = FusedBuffer(grads, extra=1)
+    fused.extra[0] = 9
+    for name, value in grads.items():
+        fused.views[name][...] = value
+    assert fused.pack(dict(fused.views), 0.25) is fused.buffer
+    assert np.array_equal(fused.buffer, [0.25 * v for v in (0, 1, 2, 3, 4, 5, 1, 2)] + [9])  # not the extra slot
+    assert fused.matches(grads) and not fused.matches({"W": grads["W"]})
+    assert not fused.matches({**grads, "b": np.ones(3)}) and not fused.matches({k: v.astype(np.float32) for k, v in grads.items()})
+
+
 @pytest.mark.timeout(60)
 def test_a_stop_requested_on_rank_0_stops_every_rank(run_mpi):
     result = run_mpi(3, "solver_stop.py", timeout=30)

@@ -87,15 +87,21 @@ class FullyConnectedNet:
                     param["running_mean"] = np.zeros(dim, dtype=self.dtype)
                     param["running_var"] = np.ones(dim, dtype=self.dtype)
 
-    def loss(self, X, y=None):
+    def loss(self, X, y=None, grads=None):
         """Scores, or loss and gradients.
 
         Inputs:
         - X: (N, d_1, ..., d_k) with d_1 * ... * d_k == input_dim; cast to the model's dtype
         - y: None for test mode, else (N,) integer labels in [0, num_classes)
+        - grads: None, or a dict holding, for every parameter name, a writable array shaped like params[name]: the
+          gradients are written into these arrays instead of new ones (the Solver passes views of its gradient
+          buffer, so a step allocates no parameter-sized array)
 
-        Returns scores (N, C) when y is None, else (loss, grads) with grads[name] shaped like params[name].
+        Returns scores (N, C) when y is None, else (loss, grads) with grads[name] shaped like params[name] (the given
+        dict, filled in, when grads is given).
         """
+        if grads is not None:
+            self._check_grads_out(grads)
         X = self._check_input(X)
         mode = "test" if y is None else "train"
         for param in self.bn_params:
@@ -129,18 +135,34 @@ class FullyConnectedNet:
         if self.reg:
             loss += 0.5 * self.reg * sum(np.sum(w * w) for w in weights)
 
-        grads = {}
-        dout, grads[f"W{L}"], grads[f"b{L}"] = affine_backward(dscores, last_cache, need_dx=L > 1)
+        out_arrays = grads or {}
+        grads = {} if grads is None else grads
+        dout, grads[f"W{L}"], grads[f"b{L}"] = affine_backward(dscores, last_cache, need_dx=L > 1,
+                                                               dw_out=out_arrays.get(f"W{L}"),
+                                                               db_out=out_arrays.get(f"b{L}"))
         for i in range(L - 1, 0, -1):
             # The gradient of the input X is never used: the first layer skips it (a third of its backward pass).
-            dout, grads[f"W{i}"], grads[f"b{i}"], dgamma, dbeta = affine_norm_act_backward(dout, caches[i - 1],
-                                                                                          need_dx=i > 1)
+            dout, grads[f"W{i}"], grads[f"b{i}"], dgamma, dbeta = affine_norm_act_backward(
+                dout, caches[i - 1], need_dx=i > 1, dw_out=out_arrays.get(f"W{i}"), db_out=out_arrays.get(f"b{i}"))
             if dgamma is not None:
-                grads[f"gamma{i}"], grads[f"beta{i}"] = dgamma, dbeta
+                for name, value in ((f"gamma{i}", dgamma), (f"beta{i}", dbeta)):
+                    if name in out_arrays:
+                        out_arrays[name][...] = value
+                    else:
+                        grads[name] = value
         if self.reg:
             for i, w in enumerate(weights, start=1):
                 grads[f"W{i}"] += self.reg * w
         return loss, grads
+
+    def _check_grads_out(self, grads):
+        for name, param in self.params.items():
+            out = grads.get(name)
+            if not (isinstance(out, np.ndarray) and out.shape == param.shape and out.flags.writeable
+                    and out.dtype == param.dtype):
+                got = f"{type(out).__name__} {getattr(out, 'shape', '')} {getattr(out, 'dtype', '')}".strip()
+                raise ValueError(f"grads[{name!r}] must be a writable {param.dtype} array of shape {param.shape}, "
+                                 f"got {got}")
 
     def _check_input(self, X):
         X = np.asarray(X)
