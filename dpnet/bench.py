@@ -9,7 +9,8 @@ what is compared is interleaved, so that whatever else the machine does slows bo
 - step: dpnet's training step on FullyConnectedNet(hidden dims), synthetic CIFAR-shaped batch: forward, backward and
   the update (the Solver's own update path: in place for the built-in rules), against its BLAS floor, the time of
   exactly the matrix products the step performs (same shapes and dtype), the two alternating in this process.
-  Target: step <= 1.10 x floor with sgd.
+  Target: step <= 1.10 x floor with sgd. With sgd a third contender runs in the same rotation: the step written out
+  in plain NumPy without dpnet (bench.handwritten_step), the reference for what a separate update pass allows.
 - torch: dpnet against PyTorch on CPU for the same MLP, dtype, batch, threads and update rule (sgd_momentum with
   momentum 0.9, adam; PyTorch's default optimizer implementations), each in its own process (two thread pools in one
   process would spin against each other), alternating in ABBA rounds. PyTorch is optional: without it the rows say
@@ -83,6 +84,50 @@ def dpnet_step(hidden_dims, batch_size, dtype, rule):
     return model, step
 
 
+def handwritten_gradients(weights, biases, X, y):
+    """Gradients [(dW_L, db_L), ..., (dW_1, db_1)] (last layer first) of the mean softmax loss of an affine-ReLU MLP,
+    written out in plain NumPy, nothing of dpnet's: ReLU in place, no gradient of the input X (N, D)."""
+    batch_size = X.shape[0]
+    activations = [X]
+    for w, b in zip(weights[:-1], biases[:-1]):
+        a = activations[-1] @ w
+        a += b
+        activations.append(np.maximum(a, 0, out=a))
+    scores = activations[-1] @ weights[-1]
+    scores += biases[-1]
+    scores -= scores.max(axis=1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=1, keepdims=True)
+    scores[np.arange(batch_size), y] -= 1
+    scores /= batch_size
+    dout, grads = scores, []
+    for i in range(len(weights) - 1, -1, -1):
+        grads.append((activations[i].T @ dout, dout.sum(axis=0)))
+        if i > 0:
+            dout = dout @ weights[i].T
+            dout *= activations[i] > 0
+    return grads
+
+
+def handwritten_step(model, batch_size, dtype, learning_rate=LEARNING_RATES["sgd"]):
+    """The same MLP's training step with sgd in plain NumPy (handwritten_gradients, then w -= lr * dw), on its own
+    copy of the model's parameters. The shortest honest program for this step: how close a library can get to the
+    BLAS floor when the update is a separate pass over the parameters (it reads w and dw and writes w: memory-bound)."""
+    X, y = synthetic_batch(batch_size, dtype)
+    X = X.reshape(batch_size, -1)
+    L = model.num_layers
+    weights = [model.params[f"W{i}"].copy() for i in range(1, L + 1)]
+    biases = [model.params[f"b{i}"].copy() for i in range(1, L + 1)]
+
+    def step():
+        grads = handwritten_gradients(weights, biases, X, y)
+        for (dw, db), w, b in zip(grads, reversed(weights), reversed(biases)):
+            w -= learning_rate * dw
+            b -= learning_rate * db
+
+    return step
+
+
 def blas_products(model, batch_size, dtype):
     """The (A, B) operand pairs of every matrix product in one training step, allocated once."""
     rng = np.random.default_rng(0)
@@ -110,19 +155,27 @@ def timed(fn):
 
 
 def measure_step(hidden_dims, batch_size, dtype, rule, repeats, warmup):
-    """Medians of the step and of its BLAS floor, alternating (ABBA) in this process."""
+    """Medians of the step and of its BLAS floor (and, with sgd, of the hand-written NumPy step), alternating in this
+    process (forward and reversed order in turn)."""
     model, step = dpnet_step(hidden_dims, batch_size, dtype, rule)
     pairs = blas_products(model, batch_size, dtype)
-    runs = {"step": [], "floor": []}
+    order = [("step", step), ("floor", lambda: blas_floor(pairs))]
+    if rule == "sgd":
+        order.append(("handwritten", handwritten_step(model, batch_size, dtype)))
+    runs = {name: [] for name, _ in order}
     for i in range(warmup + repeats):
-        order = (("step", step), ("floor", lambda: blas_floor(pairs)))
         for name, fn in order if i % 2 == 0 else order[::-1]:
             seconds = timed(fn)
             if i >= warmup:
                 runs[name].append(seconds)
     step_ms, floor_ms = median_ms(runs["step"]), median_ms(runs["floor"])
-    return dict(dtype=np.dtype(dtype).name, rule=rule, step_ms=step_ms, floor_ms=floor_ms, ratio=step_ms / floor_ms,
-                samples_per_sec=batch_size / step_ms * 1e3, step_times=runs["step"], floor_times=runs["floor"])
+    result = dict(dtype=np.dtype(dtype).name, rule=rule, step_ms=step_ms, floor_ms=floor_ms,
+                  ratio=step_ms / floor_ms, samples_per_sec=batch_size / step_ms * 1e3, step_times=runs["step"],
+                  floor_times=runs["floor"])
+    if "handwritten" in runs:
+        result.update(handwritten_ms=median_ms(runs["handwritten"]), handwritten_times=runs["handwritten"])
+        result["handwritten_ratio"] = result["handwritten_ms"] / floor_ms
+    return result
 
 
 def section_step(args):
@@ -404,7 +457,7 @@ def section_memory(args):
     from .data_utils import CIFAR10NotFoundError, load_CIFAR10_raw, locate_CIFAR10
 
     try:
-        load_CIFAR10_raw(locate_CIFAR10(args.data_dir, download=False))  # builds the shared image cache if missing
+        images = load_CIFAR10_raw(locate_CIFAR10(args.data_dir, download=False))  # builds the shared cache if missing
     except (CIFAR10NotFoundError, OSError, ValueError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return dict(available=False, note=f"needs CIFAR-10: give --data-dir ({first_line})")
@@ -428,8 +481,13 @@ def section_memory(args):
         if one is not None:
             job["pss_ratio"] = job["total_peak_pss_mb"] / one["total_peak_pss_mb"]
             job["rss_ratio"] = job["total_peak_rss_mb"] / one["total_peak_rss_mb"]
+            if job["processes"] > 1:  # what each process beyond the first adds: its own private memory
+                job["per_extra_process_mb"] = ((job["total_peak_pss_mb"] - one["total_peak_pss_mb"])
+                                               / (job["processes"] - 1))
     model = dict((k, DEFAULTS[k]) for k in ("normalization", "dropout", "update_rule", "batch_size", "dtype"))
-    return dict(available=True, hidden_dims=hidden, steps=args.memory_steps, model=model, jobs=jobs)
+    dataset_mb = (images[0].nbytes + images[2].nbytes) / 2**20
+    return dict(available=True, hidden_dims=hidden, steps=args.memory_steps, model=model, jobs=jobs,
+                dataset_mb=dataset_mb)
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -501,6 +559,10 @@ def table_rows(results, args):
         rows.append(("step vs BLAS floor", f"{r['dtype']} {r['rule']}",
                      f"{r['step_ms']:.2f} ms ({r['samples_per_sec']:,.0f}/s)", f"floor {r['floor_ms']:.2f} ms",
                      f"{r['ratio']:.3f}", target))
+        if "handwritten_ms" in r:
+            rows.append(("step vs BLAS floor", f"{r['dtype']} {r['rule']}, hand-written NumPy",
+                         f"{r['handwritten_ms']:.2f} ms", f"floor {r['floor_ms']:.2f} ms",
+                         f"{r['handwritten_ratio']:.3f}", "(reference)"))
     torch = results.get("torch")
     if torch is not None:
         for r in torch["rows"]:
@@ -539,6 +601,10 @@ def table_rows(results, args):
                          f"peak RSS (sum) {job['total_peak_rss_mb']:.0f} MB",
                          f"{job['pss_ratio']:.2f}" if "pss_ratio" in job else "",
                          "<= 1.5" if p > 1 and "pss_ratio" in job else ""))
+            if "per_extra_process_mb" in job:
+                rows.append(("memory (CIFAR-10)", f"each process beyond the first ({p} processes)",
+                             f"{job['per_extra_process_mb']:.0f} MB",
+                             f"uint8 images, held once: {mem['dataset_mb']:.0f} MB", "", ""))
     return rows
 
 

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 
+import numpy as np
+
 from dpnet import bench
 
 TINY = ["--hidden-dims", "16", "--batch-size", "8", "--dtypes", "float32", "--repeats", "2", "--warmup", "1",
@@ -23,6 +25,7 @@ def test_step_and_torch_sections(tmp_path, capsys):
     for row in results["step"]:
         assert row["step_ms"] > 0 and row["floor_ms"] > 0 and row["ratio"] > 0 and row["samples_per_sec"] > 0
         assert len(row["step_times"]) == len(row["floor_times"]) == 2
+        assert (row["rule"] == "sgd") == ("handwritten_ms" in row)
     torch = results["torch"]
     if importlib.util.find_spec("torch") is None:
         assert not torch["available"] and "pip install torch==2.13.0" in torch["rows"][0]["note"]
@@ -30,6 +33,22 @@ def test_step_and_torch_sections(tmp_path, capsys):
         assert torch["rows"][0]["speedup"] > 0 and torch["torch"]["threads"] == 1
     out = capsys.readouterr().out
     assert "step vs BLAS floor" in out and "dpnet vs PyTorch" in out and "float32 adam" in out
+    assert "float32 sgd, hand-written NumPy" in out
+
+
+def test_the_handwritten_reference_computes_dpnets_gradients():
+    from dpnet.classifiers.fc_net import FullyConnectedNet
+
+    model = FullyConnectedNet([7, 5], input_dim=12, num_classes=4, weight_scale=0.3, dtype=np.float64, seed=0)
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((6, 12)), rng.integers(4, size=6)
+    _, expected = model.loss(X, y)
+    L = model.num_layers
+    grads = bench.handwritten_gradients([model.params[f"W{i}"] for i in range(1, L + 1)],
+                                        [model.params[f"b{i}"] for i in range(1, L + 1)], X, y)
+    for i, (dw, db) in zip(range(L, 0, -1), grads):
+        np.testing.assert_allclose(dw, expected[f"W{i}"], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(db, expected[f"b{i}"], rtol=1e-12, atol=1e-15)
 
 
 def test_distributed_section(tmp_path, mpiexec):
@@ -54,3 +73,5 @@ def test_memory_section(tmp_path, cifar10_dir, mpiexec):
     for rank in jobs["2"]["ranks"]:
         assert rank["steps"] == 2 and rank["peak_rss_mb"] > rank["pss_mb"] > 0  # the shared data counts once
     assert jobs["1"]["pss_ratio"] == 1 and jobs["2"]["pss_ratio"] > 1
+    assert 0 < jobs["2"]["per_extra_process_mb"] < jobs["2"]["total_peak_pss_mb"]
+    assert 175 < results["memory"]["dataset_mb"] < 176  # 60000 images of 3072 bytes (MiB)
