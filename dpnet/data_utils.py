@@ -1,4 +1,4 @@
-"""CIFAR-10: locate, download and verify, load safely, cache, split and preprocess.
+"""CIFAR-10: locate, load safely, cache, split and preprocess (downloading is dpnet.download's job).
 
 The data is the official python layout: a folder ``cifar-10-batches-py`` holding the pickled batches
 ``data_batch_1`` .. ``data_batch_5`` (10000 training images each), ``test_batch`` (10000 test images) and
@@ -9,8 +9,11 @@ reshapes to (3, 32, 32) without copying. Images are kept channels first, X: (N, 
 Where things live:
 - the data directory: the ``data_dir`` argument, else ``$DPNET_DATA_DIR``, else ``~/.cache/dpnet/data`` (under
   ``$XDG_CACHE_HOME`` when it is set). It may name the ``cifar-10-batches-py`` folder itself or the folder that
-  holds it. When the data is missing it is downloaded there (``locate_CIFAR10``), from ``$DPNET_CIFAR10_URL`` or the
-  official URL, and checked against the official MD5.
+  holds it. When the data is missing, ``locate_CIFAR10`` has it downloaded there by ``dpnet.download`` (from
+  ``$DPNET_CIFAR10_URL`` or the official URL, checked against the official MD5). That module is imported only then,
+  so a process that finds the data never imports the HTTP, URL and tar modules; its names (``download_CIFAR10``,
+  ``ChecksumError``, ``ArchiveError``, ``DownloadError``, ``CIFAR10_URL``, ``CIFAR10_MD5``, ``URL_ENV``) are still
+  reachable here, importing it on first access.
 - the image cache: the raw uint8 images of both splits as ``.npy`` files in ``$DPNET_CACHE_DIR``, else
   ``~/.cache/dpnet`` (under ``$XDG_CACHE_HOME`` when set). They are opened with ``np.load(mmap_mode='r')``, so every
   process on one machine reads the same pages of the page cache instead of holding its own copy.
@@ -25,19 +28,13 @@ included) only the rows a minibatch selects; the values are bit for bit those of
 
 import contextlib
 import hashlib
-import http.client
 import json
 import operator
 import os
 import pickle
-import shutil
-import sys
-import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 import warnings
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
@@ -46,8 +43,6 @@ try:
 except ImportError:  # not POSIX: no inter-process locks, writes stay atomic
     fcntl = None
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -57,7 +52,6 @@ NUM_CLASSES = 10
 
 DATA_DIR_ENV = "DPNET_DATA_DIR"
 CACHE_DIR_ENV = "DPNET_CACHE_DIR"
-URL_ENV = "DPNET_CIFAR10_URL"
 
 _CACHE_FORMAT = 1  # bump to invalidate every existing cache file
 _CHUNK_BYTES = 32 << 20  # float64 scratch memory per conversion step of a large ImageArray selection
@@ -76,18 +70,6 @@ class UnsafePickleError(ValueError):
 
 class BatchFormatError(ValueError):
     """A batch file is truncated, corrupt, or does not hold what a CIFAR-10 batch holds."""
-
-
-class ChecksumError(ValueError):
-    """A downloaded archive does not have the expected MD5."""
-
-
-class ArchiveError(ValueError):
-    """A downloaded archive is corrupt, unsafe to extract, or lacks the CIFAR-10 batches."""
-
-
-class DownloadError(OSError):
-    """The archive could not be downloaded (network error, HTTP error, interrupted transfer)."""
 
 
 class CIFAR10NotFoundError(FileNotFoundError):
@@ -269,26 +251,54 @@ def _download_destination(data_dir):
     return base.parent if base.name == CIFAR10_FOLDER else base
 
 
-def locate_CIFAR10(data_dir=None, download=True, url=None, md5=CIFAR10_MD5, progress=None):
+def locate_CIFAR10(data_dir=None, download=True, url=None, md5=None, progress=None):
     """Find the CIFAR-10 batches, downloading them once if they are missing and download is True.
 
     Inputs: data_dir as in find_data_dir; download: fetch the archive when the data is missing; url: the archive's
-    URL (None: $DPNET_CIFAR10_URL, else the official URL); md5: its expected MD5 hex digest; progress: show a
-    progress bar (None: only when stderr is a terminal).
+    URL (None: $DPNET_CIFAR10_URL, else the official URL); md5: its expected MD5 hex digest (None: the official
+    archive's); progress: show a progress bar (None: only when stderr is a terminal).
     Returns the Path of the folder holding data_batch_1..5 and test_batch.
+    Raises CIFAR10NotFoundError when the data is missing and not downloaded (download is False, or a folder holds
+    only some of the files), else what download.download_CIFAR10 raises.
     """
     try:
         return find_data_dir(data_dir)
     except CIFAR10NotFoundError as err:
         if not download or err.incomplete is not None:
             raise
+    # imported only now: the download needs the HTTP, URL and tar modules, which a process with the data never does
+    from .download import download_CIFAR10
     return download_CIFAR10(_download_destination(data_dir), url=url, md5=md5, progress=progress)
 
 
-# ----------------------------------------------------------------------------------------------- the download
+# ------------------------------------------------------------------------------- the download (dpnet.download)
+_DOWNLOAD_NAMES = frozenset({"download_CIFAR10", "ChecksumError", "ArchiveError", "DownloadError", "CIFAR10_URL",
+                             "CIFAR10_MD5", "URL_ENV"})
+
+
+def __getattr__(name):
+    """The download's public names, still reachable here: dpnet.download is imported on their first access (PEP 562).
+
+    So `import dpnet.data_utils` does not import the download (nor the HTTP, URL and tar modules it needs), and
+    data_utils.ChecksumError is download.ChecksumError, the same class object.
+    """
+    if name in _DOWNLOAD_NAMES:
+        from . import download
+        return getattr(download, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _DOWNLOAD_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------- the image cache
 @contextlib.contextmanager
 def _dir_lock(folder):
-    """Hold an exclusive inter-process lock on a folder while inside (best effort: no lock where unsupported)."""
+    """Hold an exclusive inter-process lock on a folder while inside (best effort: no lock where unsupported).
+
+    Used for the image cache and, by dpnet.download, for the data directory.
+    """
     fd = None
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -303,126 +313,6 @@ def _dir_lock(folder):
             os.close(fd)  # closing releases the lock
 
 
-def download_CIFAR10(dest_dir, url=None, md5=CIFAR10_MD5, progress=None):
-    """Download the CIFAR-10 python archive, verify its MD5 and extract it as dest_dir/cifar-10-batches-py.
-
-    The archive goes to a temporary file in dest_dir and the batches to a temporary folder there; only a verified,
-    complete folder is renamed into place, and the temporary files are removed whatever happens. Processes that
-    download into the same dest_dir at once take turns; the later ones find the data and download nothing.
-    Returns the Path of dest_dir/cifar-10-batches-py.
-    Raises DownloadError (network), ChecksumError (MD5 mismatch) or ArchiveError (corrupt or unsafe archive).
-    """
-    dest_dir = Path(dest_dir).expanduser()
-    url = url or os.environ.get(URL_ENV) or CIFAR10_URL
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    target = dest_dir / CIFAR10_FOLDER
-    with _dir_lock(dest_dir):
-        if not _missing_files(target):
-            return target
-        archive = _fetch(url, dest_dir, md5, progress)
-        try:
-            _extract(archive, dest_dir)
-        finally:
-            archive.unlink(missing_ok=True)
-    return target
-
-
-def _fetch(url, dest_dir, md5, progress):
-    """Download url into a temporary file in dest_dir and check its MD5; returns the file's Path."""
-    fd, tmp = tempfile.mkstemp(prefix=".cifar-10-python.", suffix=".tar.gz.part", dir=dest_dir)
-    ok = False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            digest = _copy_url(url, f, dest_dir, progress)
-        if digest != md5.lower():
-            raise ChecksumError(f"the archive downloaded from {url} has MD5 {digest}, expected {md5.lower()}: it is "
-                                f"corrupt or not the CIFAR-10 python archive (it was deleted)")
-        ok = True
-        return Path(tmp)
-    finally:
-        if not ok:
-            Path(tmp).unlink(missing_ok=True)
-
-
-def _copy_url(url, f, dest_dir, progress):
-    """Copy the body at url into the open file f with a progress bar; returns its MD5 hex digest."""
-    from tqdm import tqdm
-
-    md5, received, total = hashlib.md5(usedforsecurity=False), 0, None
-    disable = not sys.stderr.isatty() if progress is None else not progress
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="CIFAR-10",
-                      disable=disable) as bar:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    md5.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-    except (OSError, http.client.HTTPException, ValueError) as err:
-        if isinstance(err, urllib.error.HTTPError):
-            err.close()  # it holds the response open
-        raise DownloadError(_by_hand(url, dest_dir, f"{type(err).__name__}: {err}")) from err
-    if total is not None and received != total:
-        raise DownloadError(_by_hand(url, dest_dir, f"the transfer stopped after {received} of {total} bytes"))
-    return md5.hexdigest()
-
-
-def _by_hand(url, dest_dir, reason):
-    """The text of DownloadError: what failed and how to get the data by hand."""
-    return (f"could not download CIFAR-10 from {url} ({reason}).\nTo get it by hand: download {CIFAR10_URL} "
-            f"(MD5 {CIFAR10_MD5}) on a machine with internet access, extract it with "
-            f"'tar xzf cifar-10-python.tar.gz' into {dest_dir} (so that {dest_dir / CIFAR10_FOLDER / 'data_batch_1'} "
-            f"exists), or anywhere and set {DATA_DIR_ENV} to the folder holding {CIFAR10_FOLDER}. "
-            f"{URL_ENV} sets another URL to download from (e.g. a local mirror or a file:// URL).")
-
-
-def _check_member(member, archive):
-    """Reject tar members that are not plain files/folders under cifar-10-batches-py/ or that escape it."""
-    path = PurePosixPath(member.name)
-    if path.is_absolute() or ".." in path.parts or not path.parts or path.parts[0] != CIFAR10_FOLDER \
-            or "\\" in member.name:
-        raise ArchiveError(f"{archive}: refusing to extract '{member.name}': every member must be inside "
-                           f"{CIFAR10_FOLDER}/ with no absolute path and no '..'")
-    if not (member.isfile() or member.isdir()):
-        raise ArchiveError(f"{archive}: refusing to extract '{member.name}': only regular files and folders "
-                           f"are allowed (it is a link or device)")
-
-
-def _extract(archive, dest_dir):
-    """Extract a verified archive into a temporary folder in dest_dir, check it, and rename it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=".cifar-10-extract.", dir=dest_dir))
-    try:
-        _safe_extract(archive, tmp)
-        missing = _missing_files(tmp / CIFAR10_FOLDER)
-        if missing:
-            raise ArchiveError(f"{archive}: the archive lacks {CIFAR10_FOLDER}/{', '.join(missing)}")
-        try:
-            os.rename(tmp / CIFAR10_FOLDER, dest_dir / CIFAR10_FOLDER)
-        except OSError:
-            if _missing_files(dest_dir / CIFAR10_FOLDER):  # not someone else's complete copy: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _safe_extract(archive, folder):
-    """Check every member of a .tar.gz, then extract them into folder (with tarfile's 'data' filter)."""
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            for member in members:
-                _check_member(member, archive)
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(folder, members=members, filter="data")
-            else:  # Python < 3.11.4: the checks above are the filter
-                tar.extractall(folder, members=members)
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise ArchiveError(f"{archive}: cannot extract the archive ({type(err).__name__}: {err})") from err
-
-
-# ---------------------------------------------------------------------------------------------- the image cache
 def _cache_key(root):
     """(folder key, content key) of a batches folder: hashes of its resolved path and of its files' sizes/mtimes."""
     stats = [(name, (root / name).stat()) for name in REQUIRED_FILES]

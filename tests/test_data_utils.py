@@ -1,4 +1,5 @@
-"""Tests of dpnet.data_utils: safe loading, splits, lazy images, the image cache, locating and downloading.
+"""Tests of dpnet.data_utils: safe loading, splits, lazy images, the image cache, locating and downloading (the
+download is dpnet.download's, reached through data_utils as users reach it).
 
 Most tests use a small fake CIFAR-10 (a few random images per batch, pickled like the official files) written into
 tmp_path. Tests of the real data take its location from $DPNET_TEST_DATA_DIR (fixture cifar10_dir in conftest.py).
@@ -13,6 +14,8 @@ import os
 import pickle
 import shlex
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -486,6 +489,17 @@ def test_cache_dir_locations(tmp_path, monkeypatch):
 def leftovers(folder):
     """Whatever a failed download left in folder (must be nothing)."""
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_importing_data_utils_leaves_the_download_modules_out():
+    """The HTTP, URL and tar modules come in with dpnet.download, only when a download happens (numpy imports none
+    of these three), so they cost no memory in a training process that finds the data."""
+    code = ("import sys, dpnet.data_utils; "
+            "print(sorted(m for m in ('http.client','urllib.request','tarfile') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(du.__file__)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_download_verifies_extracts_and_happens_once(server, archive, tmp_path):
