@@ -22,8 +22,10 @@ what is compared is interleaved, so that whatever else the machine does slows bo
   communication <= 10% of the step at 2 processes.
 - memory: peak RSS and peak PSS (proportional set size, /proc/<pid>/smaps_rollup: shared pages, such as the
   memory-mapped CIFAR-10 cache in the page cache, divided among the processes mapping them; RSS counts them in every
-  process) of 1 and of 4 processes (mpiexec) training the command line's default model (dpnet.train.DEFAULTS) on the
-  full CIFAR-10 for a few dozen steps. Target: 4 processes <= 1.5 x one process.
+  process) of 1 and of 4 processes (mpiexec) training the command line's default model and recipe
+  (dpnet.train.DEFAULTS: optimizer state sharded) on the full CIFAR-10 for one short epoch of a few dozen steps (its
+  end included: evaluation, replica check, state gathered for checkpoints), and of 4 processes again with the state
+  replicated; and what each process beyond the first adds. Target: 4 processes <= 1.5 x one process.
 
 With --json PATH everything (per-step times included, and the environment: versions, BLAS, git commit, load
 average) is written there, to compare runs across commits. Run on an otherwise idle machine; the load average is
@@ -433,17 +435,21 @@ def worker_memory(spec):
     peak_pss = [0.0]
 
     class SampledSolver(Solver):
+        iterations_per_epoch = spec["steps"]  # one short epoch: its end (evaluation, checks, gathers) is measured too
+
         def _step(self):
             result = super()._step()
             peak_pss[0] = max(peak_pss[0], memory_now()[1] or 0.0)
-            if self.iteration + 1 >= spec["steps"]:
-                self.stop()
             return result
+
+        def _end_epoch(self):
+            super()._end_epoch()
+            peak_pss[0] = max(peak_pss[0], memory_now()[1] or 0.0)
 
     solver = SampledSolver(build_model(config), data, update_rule=config["update_rule"],
                            optim_config={"learning_rate": config["lr"]}, batch_size=config["batch_size"],
                            num_epochs=1, num_train_samples=1000, num_val_samples=None, verbose=False, seed=0,
-                           comm=comm)
+                           comm=comm, weight_decay=config["weight_decay"], shard_optimizer=spec["shard_optimizer"])
     solver.train()
     comm.barrier()
     rss, pss, uss = memory_now()
@@ -467,15 +473,20 @@ def section_memory(args):
 
     hidden = args.memory_hidden_dims if args.memory_hidden_dims is not None else DEFAULTS["hidden_dims"]
     spec = dict(data_dir=args.data_dir and str(args.data_dir), hidden_dims=hidden, steps=args.memory_steps)
+    runs = [(str(p), p, DEFAULTS["shard_optimizer"]) for p in args.memory_processes]
+    if DEFAULTS["shard_optimizer"]:  # and the largest job once more with every process holding the whole state
+        p = max(args.memory_processes)
+        runs += [(f"{p}-replicated", p, False)] if p > 1 else []
     jobs = {}
     with tempfile.TemporaryDirectory() as folder:
-        for p in args.memory_processes:
-            _progress(f"memory section: {p} process{'es' if p > 1 else ''}")
-            ranks = run_worker("memory", spec, folder, processes=p, mpi=True)
-            jobs[str(p)] = dict(processes=p, ranks=ranks,
-                                total_peak_rss_mb=sum(r["peak_rss_mb"] for r in ranks),
-                                total_peak_pss_mb=sum(r["peak_pss_mb"] for r in ranks),
-                                total_pss_mb=sum(r["pss_mb"] or 0.0 for r in ranks))
+        for key, p, shard in runs:
+            _progress(f"memory section: {p} process{'es' if p > 1 else ''}"
+                      f"{', optimizer state replicated' if p > 1 and not shard else ''}")
+            ranks = run_worker("memory", dict(spec, shard_optimizer=shard), folder, processes=p, mpi=True)
+            jobs[key] = dict(processes=p, shard_optimizer=shard and p > 1, ranks=ranks,
+                             total_peak_rss_mb=sum(r["peak_rss_mb"] for r in ranks),
+                             total_peak_pss_mb=sum(r["peak_pss_mb"] for r in ranks),
+                             total_pss_mb=sum(r["pss_mb"] or 0.0 for r in ranks))
     one = jobs.get("1")
     for job in jobs.values():
         if one is not None:
@@ -484,7 +495,8 @@ def section_memory(args):
             if job["processes"] > 1:  # what each process beyond the first adds: its own private memory
                 job["per_extra_process_mb"] = ((job["total_peak_pss_mb"] - one["total_peak_pss_mb"])
                                                / (job["processes"] - 1))
-    model = dict((k, DEFAULTS[k]) for k in ("normalization", "dropout", "update_rule", "batch_size", "dtype"))
+    model = dict((k, DEFAULTS[k]) for k in ("normalization", "dropout", "update_rule", "batch_size", "dtype",
+                                             "weight_decay"))
     dataset_mb = (images[0].nbytes + images[2].nbytes) / 2**20
     return dict(available=True, hidden_dims=hidden, steps=args.memory_steps, model=model, jobs=jobs,
                 dataset_mb=dataset_mb)
@@ -596,13 +608,14 @@ def table_rows(results, args):
         for job in mem["jobs"].values():
             p = job["processes"]
             private = np.mean([r["uss_mb"] or 0.0 for r in job["ranks"]])
-            rows.append(("memory (CIFAR-10)", f"{p} process{'es' if p > 1 else ''}, peak PSS (sum)",
+            how = "" if p == 1 else ", state sharded" if job.get("shard_optimizer") else ", state replicated"
+            rows.append(("memory (CIFAR-10)", f"{p} process{'es' if p > 1 else ''}{how}, peak PSS (sum)",
                          f"{job['total_peak_pss_mb']:.0f} MB ({private:.0f} MB private each)",
                          f"peak RSS (sum) {job['total_peak_rss_mb']:.0f} MB",
                          f"{job['pss_ratio']:.2f}" if "pss_ratio" in job else "",
                          "<= 1.5" if p > 1 and "pss_ratio" in job else ""))
             if "per_extra_process_mb" in job:
-                rows.append(("memory (CIFAR-10)", f"each process beyond the first ({p} processes)",
+                rows.append(("memory (CIFAR-10)", f"each process beyond the first ({p} processes{how})",
                              f"{job['per_extra_process_mb']:.0f} MB",
                              f"uint8 images, held once: {mem['dataset_mb']:.0f} MB", "", ""))
     return rows

@@ -45,7 +45,7 @@ def solver_state(solver, config=None):
     for i, param in enumerate(getattr(model, "bn_params", [])):
         arrays.update({f"norm/{i}/{key}": value for key, value in param.items() if isinstance(value, np.ndarray)})
     optim_scalars = {}
-    for name, cfg in solver.optim_configs.items():
+    for name, cfg in solver.optimizer_state().items():
         cfg_arrays, optim_scalars[name] = _split_config(cfg)
         arrays.update({f"optim/{name}/{key}": value for key, value in cfg_arrays.items()})
     if solver._epoch_order is not None:

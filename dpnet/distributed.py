@@ -1,7 +1,9 @@
 """Communicators: how processes of a data-parallel job talk to each other.
 
 A communicator has `rank`, `size`, `is_root`, `allreduce(buf, op="sum")` and `bcast(buf, root=0)` (both in place on a
-contiguous NumPy array, returning it), `barrier()`, `abort(code=1)` and `local_size()` (processes on this machine).
+contiguous NumPy array, returning it), the block collectives `reduce_scatter`, `allgather` and `gather` (1-D buffers cut
+into one block per process, see `block_counts`), `barrier()`, `abort(code=1)` and `local_size()` (processes on this
+machine).
 `SerialCommunicator` is the single process (size 1, never imports mpi4py); `MPICommunicator` wraps mpi4py's buffer
 calls (`Allreduce(MPI.IN_PLACE, ...)`, `Bcast`), so no object is ever pickled. `get_communicator()` picks the MPI world
 when an MPI launcher started more than one process, else the serial one. `FusedBuffer` lays several arrays (the
@@ -54,6 +56,22 @@ def _check_buffer(buf, op="sum"):
         raise ValueError(f"unknown reduction op {op!r}; expected one of {', '.join(OPS)}")
 
 
+def _check_blocks(buf, counts, size):
+    _check_buffer(buf)
+    if len(counts) != size or any(c < 0 for c in counts) or buf.ndim != 1 or buf.size != sum(counts):
+        raise ValueError(f"expected a 1-D buffer of sum(counts) elements and one count per process ({size}), got "
+                         f"shape {buf.shape} and counts {list(counts)}")
+
+
+def _displacements(counts):
+    return [int(d) for d in np.cumsum([0, *counts[:-1]])]
+
+
+def block_counts(n, size):
+    """n elements cut into `size` contiguous blocks whose sizes differ by at most one (the first ones smaller)."""
+    return [(r + 1) * n // size - r * n // size for r in range(size)]
+
+
 class SerialCommunicator:
     """The single process: size 1, every collective is a (checked) no-op."""
 
@@ -70,6 +88,26 @@ class SerialCommunicator:
         if root != 0:
             raise ValueError(f"root must be 0 in a single process, got {root}")
         return buf
+
+    def reduce_scatter(self, sendbuf, recvbuf, counts):
+        """See MPICommunicator.reduce_scatter: with one process, block 0 is the whole sum."""
+        _check_blocks(sendbuf, counts, self.size)
+        _check_buffer(recvbuf)
+        recvbuf[...] = sendbuf
+        return recvbuf
+
+    def allgather(self, buf, counts):
+        """See MPICommunicator.allgather: with one process there is nothing to gather."""
+        _check_blocks(buf, counts, self.size)
+        return buf
+
+    def gather(self, sendbuf, recvbuf, counts, root=0):
+        """See MPICommunicator.gather."""
+        _check_buffer(sendbuf)
+        if recvbuf is not None:
+            _check_blocks(recvbuf, counts, self.size)
+            recvbuf[...] = sendbuf
+        return recvbuf
 
     def barrier(self):
         pass
@@ -113,6 +151,36 @@ class MPICommunicator:
         _check_buffer(buf)
         self.comm.Bcast(buf, root=root)
         return buf
+
+    def reduce_scatter(self, sendbuf, recvbuf, counts):
+        """Sum the 1-D `sendbuf` over all processes, block by block: block r (counts[r] elements, the blocks back to
+        back in rank order) of the sum lands in process r's `recvbuf` (counts[rank] elements). Returns recvbuf."""
+        _check_blocks(sendbuf, counts, self.size)
+        _check_buffer(recvbuf)
+        if recvbuf.size != counts[self.rank]:
+            raise ValueError(f"recvbuf has {recvbuf.size} elements, block {self.rank} has {counts[self.rank]}")
+        self.comm.Reduce_scatter(sendbuf, recvbuf, recvcounts=list(counts), op=self._MPI.SUM)
+        return recvbuf
+
+    def allgather(self, buf, counts):
+        """In place on the 1-D `buf`: block r (counts[r] elements, back to back in rank order) is process r's; every
+        process ends with all blocks. Returns buf."""
+        _check_blocks(buf, counts, self.size)
+        self.comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), _displacements(counts))])
+        return buf
+
+    def gather(self, sendbuf, recvbuf, counts, root=0):
+        """Process r's 1-D `sendbuf` (counts[r] elements) becomes block r of root's `recvbuf` (sum(counts) elements;
+        None on the other processes). Returns recvbuf."""
+        _check_buffer(sendbuf)
+        if sendbuf.size != counts[self.rank]:
+            raise ValueError(f"sendbuf has {sendbuf.size} elements, block {self.rank} has {counts[self.rank]}")
+        if self.rank == root:
+            _check_blocks(recvbuf, counts, self.size)
+            self.comm.Gatherv(sendbuf, [recvbuf, (list(counts), _displacements(counts))], root=root)
+        else:
+            self.comm.Gatherv(sendbuf, None, root=root)
+        return recvbuf
 
     def barrier(self):
         self.comm.Barrier()
@@ -369,15 +437,19 @@ class FusedBuffer:
 
 
 def check_in_sync(comm, flat_params, where=""):
-    """Raise RuntimeError on every rank unless `flat_params` is bitwise identical on all ranks. Collective.
+    """Raise RuntimeError on every rank unless `flat_params` (an array, or a sequence of arrays taken in order) is
+    bitwise identical on all ranks. Collective.
 
     Each rank hashes its buffer (8-byte BLAKE2b) and all hashes are gathered through one allreduce; the ranks that
     disagree with the majority (ties: with rank 0) are named, and `where` (e.g. "after epoch 2") is added to the
     message. Data-parallel replicas apply the same update to the same reduced gradient, so any difference at all means
     they diverged.
     """
-    data = np.ascontiguousarray(flat_params)
-    digest = hashlib.blake2b(data.view(np.uint8).ravel(), digest_size=8).digest()
+    arrays = [flat_params] if isinstance(flat_params, np.ndarray) else list(flat_params)
+    hasher = hashlib.blake2b(digest_size=8)
+    for array in arrays:  # one array at a time: no concatenated copy
+        hasher.update(np.ascontiguousarray(array).view(np.uint8).ravel())
+    digest = hasher.digest()
     hashes = np.zeros(comm.size, dtype=np.int64)
     hashes[comm.rank] = np.frombuffer(digest, dtype=np.int64)[0]
     comm.allreduce(hashes)  # each slot is written by one rank only: the sum is a gather
@@ -386,4 +458,4 @@ def check_in_sync(comm, flat_params, where=""):
     if differ:
         agree = [r for r in range(comm.size) if hashes[r] == reference]
         raise RuntimeError(f"parameters differ across processes{' ' + where if where else ''}: rank(s) {differ} "
-                           f"disagree with rank(s) {agree} ({data.size} values checked); the replicas have diverged")
+                           f"disagree with rank(s) {agree} ({sum(a.size for a in arrays)} values checked); the replicas have diverged")

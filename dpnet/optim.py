@@ -9,6 +9,9 @@ overwrites ``w`` itself (a writable array of dtype ``np.result_type(w, dw)``) in
 Solver uses it for the parameters it owns: nothing of a parameter's size is allocated per step, and the arrays are
 updated block by block, so that a rule's several passes over a block find it in the cache. The pure rule is the
 in-place variant applied to a copy of ``w``: the two agree bit for bit.
+
+The built-in rules are elementwise (``rule.elementwise = True``): an element's update depends on that element's
+values alone, so the Solver can shard their state over processes (``shard_optimizer``, see dpnet.sharding).
 """
 
 import math
@@ -158,3 +161,8 @@ sgd.in_place = _sgd_in_place
 sgd_momentum.in_place = _sgd_momentum_in_place
 rmsprop.in_place = _rmsprop_in_place
 adam.in_place = _adam_in_place
+# Each element's update depends on that element alone: the rules may be applied to any slices of w and dw (with the
+# same slices of their state), which is what sharding the optimizer state over processes does (dpnet.sharding).
+for _rule in (sgd, sgd_momentum, rmsprop, adam):
+    _rule.elementwise = True
+del _rule

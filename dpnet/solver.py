@@ -2,16 +2,17 @@
 
 Each step, every process draws the same global minibatch indices from the shared seed, takes its own shard, computes
 the gradient of its shard's mean loss, scales it by n_r / N, and all processes sum the scaled gradients (and the loss)
-in one fused in-place allreduce; then every process applies the update rule to its replica. A single process is the
-communicator of size 1: the same code, with the reduction skipped. With several processes the reduced gradients are
-views of the fused buffer, which the next step overwrites: an update rule must not keep a reference to its `dw`
-(copy it if it needs it later; the built-in rules keep only arrays they compute). At the end of each epoch the
+in one fused in-place allreduce; then every process applies the update rule to its replica (with shard_optimizer,
+a reduce-scatter, each process updating its block of the parameters, and an allgather: dpnet.sharding). A single
+process is the communicator of size 1: the same code, with the reduction skipped. The gradients are views of one
+buffer, which the next step overwrites: an update rule must not keep a reference to its `dw` (copy it if it needs it
+later; the built-in rules keep only arrays they compute). At the end of each epoch the
 replicas are checked to be bitwise identical (dpnet.distributed.check_in_sync).
 
 Monitors (see dpnet.monitor) receive `on_train_begin(solver)`, `on_iteration_end(solver, info)`,
 `on_epoch_end(solver, info)` and `on_train_end(solver, info)` on rank 0 only. The iteration info holds `iteration`
 (1-based), `epoch` (completed epochs), `loss`, `learning_rate`, `grads` (the averaged gradients, valid during the
-call), `grad_norm`, `batch_size`, `step_seconds` and `samples_per_sec`; the epoch info holds `iteration`, `epoch`, `train_acc`, `val_acc` and `learning_rate`.
+call; with shard_optimizer only at an epoch's last iteration, else None), `grad_norm`, `batch_size`, `step_seconds` and `samples_per_sec`; the epoch info holds `iteration`, `epoch`, `train_acc`, `val_acc` and `learning_rate`.
 """
 
 import functools
@@ -23,11 +24,12 @@ import numpy as np
 
 from . import registry
 from .distributed import FusedBuffer, check_in_sync, fault_injection_point, get_communicator, make_reducer
+from .sharding import ShardedState, check_shardable
 
 _DEFAULTS = dict(update_rule="sgd", optim_config=None, lr_decay=1.0, batch_size=100, num_epochs=10,
                  num_train_samples=1000, num_val_samples=None, checkpoint_name=None, print_every=10, verbose=True,
                  seed=None, comm=None, monitors=(), sync_batchnorm=True, augment=None, lr_schedule=None,
-                 weight_decay=0.0)
+                 weight_decay=0.0, shard_optimizer=False)
 
 
 class Solver:
@@ -57,6 +59,12 @@ class Solver:
       dpnet.schedules); replaces lr_decay
     - weight_decay: decoupled weight decay: after each update, weights (parameters with two or more dimensions, not
       biases or normalization scales) shrink by learning_rate * weight_decay times themselves
+    - shard_optimizer: with more than one process, each process keeps the update rule's state of, and updates, only
+      its block of the parameters (dpnet.sharding): the state's memory and the update's time are divided by the
+      number of processes, for the same parameters. Needs an elementwise rule (the built-in ones are). The monitors'
+      info['grads'] is then None but at the last iteration of each epoch, where the whole gradient is gathered
+      (info['grad_norm'] is always the whole gradient's norm); the optimizer state is gathered for checkpoints at
+      epoch ends (see optimizer_state)
     """
 
     def __init__(self, model, data, **kwargs):
@@ -88,12 +96,16 @@ class Solver:
         self.augment = options["augment"]
         self.lr_schedule = options["lr_schedule"]
         self.weight_decay = float(options["weight_decay"])
+        self.shard_optimizer = bool(options["shard_optimizer"])
         self._check_recipe()
 
         self.seed = self._shared_seed(options["seed"])
         self.sync_batchnorm = options["sync_batchnorm"]
         self._setup_model()
         self._fused = None  # the gradient buffer (of the allreduce too), laid out at the first step
+        self._shards = None  # with shard_optimizer and several processes: the ShardedState, made at the first step
+        self._gathered_configs = None  # the whole optimizer state, gathered on rank 0 at an epoch end (sharded)
+        self._grad_norm = None  # the last sharded step's gradient norm
         self._in_place = getattr(self._rule, "in_place", None)  # the rule's in-place variant, if it has one
         # name -> the parameter array this Solver made, which it may update in place (weak: an array the model no
         # longer holds, e.g. after use_params, is not kept alive for it)
@@ -142,6 +154,12 @@ class Solver:
                 raise ValueError("lr_schedule needs optim_config['learning_rate'], the rate it scales")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.shard_optimizer:
+            name = self.update_rule if isinstance(self.update_rule, str) else getattr(self.update_rule, "__name__",
+                                                                                     repr(self.update_rule))
+            check_shardable(self._rule, name)
+            if self.weight_decay and "learning_rate" not in self.optim_config:
+                raise ValueError("weight_decay with shard_optimizer needs optim_config['learning_rate']")
 
     def _shared_seed(self, seed):
         if seed is None:
@@ -225,6 +243,10 @@ class Solver:
         """One update: gradients of the global minibatch, averaged over processes, then the update rule."""
         X, y, batch = self._minibatch()
         fault_injection_point(self.comm, self.iteration)
+        if self.shard_optimizer and self.comm.size > 1:
+            if self._shards is None or not self._shards.matches(self.model.params):
+                self._shards = ShardedState(self.comm, self.model.params)
+            self._shards.bind(self.model.params)
         if self.lr_schedule is not None:
             rate = self.optim_config["learning_rate"] * self.lr_schedule(self.iteration)
             for config in self.optim_configs.values():
@@ -233,12 +255,18 @@ class Solver:
             loss, grads = self._gradients(X, y)
         except FloatingPointError as exc:
             raise FloatingPointError(f"{exc}, at iteration {self.iteration + 1}") from exc
-        if self.comm.size > 1:
+        if self._shards is not None:
+            loss, self._grad_norm = self._shards.reduce(loss, len(y) / batch, grads)
+            grads = None  # each process holds its block of the summed gradient only
+        elif self.comm.size > 1:
             loss = self._allreduce(loss, grads, len(y) / batch)
         if not np.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at iteration {self.iteration + 1}: stopping "
                                      "(try a smaller learning rate)")
-        self._update(grads)
+        if self._shards is not None:
+            self._shards.update(self._update_segment)
+        else:
+            self._update(grads)
         return float(loss), grads, batch
 
     def _gradients(self, X, y):
@@ -247,9 +275,11 @@ class Solver:
         params, loss = self.model.params, self.model.loss
         if not _accepts_grads(getattr(loss, "__func__", loss)) or len({w.dtype for w in params.values()}) != 1:
             return loss(X, y)
+        if self._shards is not None:
+            return loss(X, y, grads=dict(self._shards.grads))
         if self._fused is None or not self._fused.matches(params):
             self._fused = FusedBuffer(params, extra=1)
-        return self.model.loss(X, y, grads=dict(self._fused.views))
+        return loss(X, y, grads=dict(self._fused.views))
 
     def _update(self, grads):
         """Apply the update rule, and decoupled weight decay, to every parameter.
@@ -276,6 +306,13 @@ class Solver:
                                          "has no 'learning_rate'")
                     next_w -= (config["learning_rate"] * decay) * w
             self.model.params[name], self.optim_configs[name] = next_w, config
+
+    def _update_segment(self, name, w, dw):
+        """The sharded update of this process's segment of parameter `name` (flat views; see dpnet.sharding)."""
+        config = self._shards.shard_config(name, self.optim_configs[name])
+        if self.weight_decay and len(self._shards.shapes[name]) >= 2:
+            w *= 1 - config["learning_rate"] * self.weight_decay
+        self._in_place(w, dw, config)
 
     @staticmethod
     def _can_update_in_place(w, dw, config, decay):
@@ -336,13 +373,16 @@ class Solver:
             self.loss_history.append(loss)
             self.iteration += 1
             t = self.iteration
+            epoch_end = t % self.iterations_per_epoch == 0
+            if grads is None and epoch_end:  # sharded: the epoch's last gradient, whole, for the monitors
+                grads = self._shards.gather_grads()
             if self.monitors:
                 self._notify("on_iteration_end", self, dict(
                     iteration=t, epoch=self.epoch, loss=loss, learning_rate=self.learning_rate,
-                    grads=grads, grad_norm=float(np.sqrt(sum(np.vdot(g, g) for g in grads.values()))),
+                    grads=grads, grad_norm=self._grad_norm if grads is None else
+                    float(np.sqrt(sum(np.vdot(g, g) for g in grads.values()))),
                     batch_size=batch,
                     step_seconds=seconds, samples_per_sec=batch / seconds if seconds > 0 else float("inf")))
-            epoch_end = t % self.iterations_per_epoch == 0
             if epoch_end:
                 self.epoch += 1
                 for config in self.optim_configs.values():
@@ -363,6 +403,8 @@ class Solver:
         # parameter-sized copy. Disowned, so that further training never updates them in place.
         self.final_params = dict(self.model.params)
         self._owned.clear()
+        if self._shards is not None:
+            self._shards.release_params()
         self.final_norm_state = {name: value.copy() for name, value in self._norm_state().items()}
         self.use_params("best")
         self._notify("on_train_end", self, dict(iteration=self.iteration, epoch=self.epoch,
@@ -416,15 +458,33 @@ class Solver:
     def _end_epoch(self):
         if self.comm.size > 1:
             state = {**self.model.params, **self._norm_state()}
-            check_in_sync(self.comm, np.concatenate([state[k].ravel() for k in sorted(state)]),
+            check_in_sync(self.comm, [state[k] for k in sorted(state)],
                           where=f"after epoch {self.epoch} (iteration {self.iteration})")
-        self._notify("on_epoch_end", self, dict(
-            iteration=self.iteration, epoch=self.epoch, train_acc=self.train_acc_history[-1],
-            val_acc=self.val_acc_history[-1], learning_rate=self.learning_rate))
-        if self.checkpoint_name is not None and self.comm.rank == 0:
-            from .checkpoint import save_checkpoint
+        if self._shards is not None:  # for the checkpoints rank 0 may write now
+            self._gathered_configs = self._shards.gather_configs(self.optim_configs)
+        try:
+            self._notify("on_epoch_end", self, dict(
+                iteration=self.iteration, epoch=self.epoch, train_acc=self.train_acc_history[-1],
+                val_acc=self.val_acc_history[-1], learning_rate=self.learning_rate))
+            if self.checkpoint_name is not None and self.comm.rank == 0:
+                from .checkpoint import save_checkpoint
 
-            save_checkpoint(f"{self.checkpoint_name}_epoch_{self.epoch}.npz", self)
+                save_checkpoint(f"{self.checkpoint_name}_epoch_{self.epoch}.npz", self)
+        finally:
+            self._gathered_configs = None
+
+    def optimizer_state(self):
+        """The update rule's config of every parameter, state arrays shaped like the parameters (what checkpoints
+        save). With shard_optimizer and several processes each process holds its block of the state only: the whole
+        is assembled on rank 0 at each epoch end, for the monitors and checkpoints of that moment; RuntimeError at
+        other times or on other ranks."""
+        if self._shards is None:
+            return self.optim_configs
+        if self._gathered_configs is None:
+            raise RuntimeError("with shard_optimizer the optimizer state is spread over the processes: it is gathered "
+                               "on rank 0 at each epoch end, when monitors (on_epoch_end) and checkpoint_name write "
+                               "checkpoints")
+        return self._gathered_configs
 
     @property
     def learning_rate(self):

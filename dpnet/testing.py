@@ -212,7 +212,9 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
     ``f(w) = 0.5 * sum(a * (w - c)**2)`` by at least 0.1% in ``steps`` steps; if the rule has an in-place variant
     ``rule.in_place(w, dw, config=None) -> (w, config)`` (which the Solver uses for the parameters it
     owns), that it updates w itself, leaves dw alone and agrees with the rule step by step to rounding (relative
-    1e-12). Raises AssertionError saying which failed. Returns None.
+    1e-12); if the rule declares ``rule.elementwise = True`` (which lets the Solver shard its state over processes),
+    that updating flat segments of w (each with its own config) gives bit for bit what updating the whole gives.
+    Raises AssertionError saying which failed. Returns None.
     """
     what = f"update rule {getattr(rule, '__name__', repr(rule))!r}"
     problem = registry._signature_problem(rule, ("w", "dw", "None"), "rule", keyword="config")
@@ -265,6 +267,30 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
     in_place = getattr(rule, "in_place", None)
     if in_place is not None:
         _check_in_place(rule, in_place, what, user, lambda w: a * (w - c), start)
+    if getattr(rule, "elementwise", False):
+        if in_place is None:
+            _fail(what, "declares rule.elementwise = True without an in-place variant: sharding its state over "
+                        "processes (Solver(shard_optimizer=True)) applies rule.in_place to segments")
+        _check_elementwise(in_place, what, user, lambda w: a * (w - c), start)
+
+
+def _check_elementwise(in_place, what, user, grad, start, steps=20):
+    """A rule declaring `elementwise` computes the same, bit for bit, on a whole array and on flat segments of it
+    (each with its own config), as it does when its state is sharded over processes."""
+    whole_w, whole_config = start.copy(), copy.deepcopy(user)
+    flat = start.copy().reshape(-1)
+    cut = [0, 3, 3, 11, flat.size]  # uneven segments, and an empty one (a process with no part of the parameter)
+    configs = [copy.deepcopy(user) for _ in cut[1:]]
+    for t in range(steps):
+        dw = grad(whole_w)
+        whole_w, whole_config = in_place(whole_w, dw, whole_config)
+        dw_flat = grad(flat.reshape(start.shape)).reshape(-1)
+        for (lo, hi), config in zip(zip(cut[:-1], cut[1:]), configs):
+            in_place(flat[lo:hi], dw_flat[lo:hi], config)
+        if not np.array_equal(flat, whole_w.reshape(-1)):
+            _fail(what, f"declares rule.elementwise = True but its update of flat segments differs from its update "
+                        f"of the whole array by up to {np.max(np.abs(flat - whole_w.reshape(-1))):.3g} at step "
+                        f"{t + 1}: an element's update must depend on that element alone")
 
 
 def _check_in_place(rule, in_place, what, user, grad, start, steps=20):

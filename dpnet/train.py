@@ -62,6 +62,7 @@ DEFAULTS = dict(
     resume=None,
     quiet=False,
     blas_threads=None,
+    shard_optimizer=True,
 )
 
 # key -> (kind, help). Kinds: path, str, int, float, ints (a list of ints), bool (a switch).
@@ -100,12 +101,16 @@ FLAGS = {
     "quiet": ("bool", "print only errors and the final result (no progress bar, no per-epoch lines)"),
     "blas_threads": ("int", "BLAS threads per process (default: $DPNET_BLAS_THREADS, else the cores divided among "
                             "the processes on this machine)"),
+    "shard_optimizer": ("bool", "with several processes, each keeps the update rule's state of its block of the "
+                                "parameters only, when the rule is elementwise, as the built-in ones are (the same "
+                                "results, less memory)"),
 }
 # What a resumed run may change; everything else shapes the model, the data or the optimization and must match.
 RESUME_MAY_CHANGE = {"data_dir", "download", "epochs", "logdir", "checkpoint_dir", "checkpoint_every", "resume",
-                     "quiet", "blas_threads"}
+                     "quiet", "blas_threads", "shard_optimizer"}
 # Where the run is, not what it is: left out of config.toml and of the hyper-parameters.
-_LOCATION_KEYS = ("data_dir", "download", "logdir", "checkpoint_dir", "resume", "quiet", "blas_threads")
+_LOCATION_KEYS = ("data_dir", "download", "logdir", "checkpoint_dir", "resume", "quiet", "blas_threads",
+                  "shard_optimizer")
 DTYPES = ("float32", "float64")
 SCHEDULES = ("exponential", "step", "cosine")
 NUM_VALIDATION = 1000
@@ -506,6 +511,8 @@ def make_solver(comm, config, meta, data, model):
     from .checkpoint import CheckpointError, restore_checkpoint
     from .augment import Augmentation
     from .monitor import CheckpointMonitor, ProgressMonitor, TensorBoardMonitor
+    from .registry import get_update_rule
+    from .sharding import is_shardable
     from .solver import Solver
 
     monitors, tensorboard, checkpoints = [], None, None
@@ -515,10 +522,12 @@ def make_solver(comm, config, meta, data, model):
         tensorboard = TensorBoardMonitor(config["logdir"], "```toml\n" + to_toml(config) + "```")
         # TensorBoard before the checkpoints: the events of a checkpointed epoch are on disk.
         monitors = [ProgressMonitor(quiet=config["quiet"]), tensorboard, checkpoints]
+    shard = config["shard_optimizer"] and is_shardable(get_update_rule(config["update_rule"]))
     solver = Solver(model, data, update_rule=config["update_rule"], optim_config={"learning_rate": config["lr"]},
                     batch_size=config["batch_size"], num_epochs=config["epochs"], num_train_samples=1000,
                     num_val_samples=None, verbose=False, seed=config["seed"], comm=comm, monitors=monitors,
                     lr_schedule=make_lr_schedule(config), weight_decay=config["weight_decay"],
+                    shard_optimizer=shard,
                     augment=Augmentation(crop_padding=config["crop_padding"]) if config["augment"] else None)
 
     def restore():
@@ -542,6 +551,11 @@ def _describe(comm, config, meta, solver):
              f"{config['lr_decay']:g}; {config['epochs']} epochs of {config['num_train']} images in batches of "
              f"{config['batch_size']}; {comm.size} process{'es' * (comm.size > 1)} x {threads} BLAS "
              f"thread{'s' * (threads > 1)}"]
+    if comm.size > 1:
+        lines.append("dpnet-train: update-rule state sharded over the processes" if solver.shard_optimizer else
+                     "dpnet-train: update-rule state replicated on every process"
+                     + (f" (the rule {config['update_rule']!r} does not declare itself elementwise)"
+                        if config["shard_optimizer"] else ""))
     if meta is not None:
         lines.append(f"dpnet-train: resuming {config['resume']} at epoch {solver.epoch} (iteration "
                      f"{solver.iteration})")

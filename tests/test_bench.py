@@ -69,7 +69,9 @@ def test_memory_section(tmp_path, cifar10_dir, mpiexec):
     results = _run(tmp_path, "--sections", "memory", "--data-dir", str(cifar10_dir), "--memory-hidden-dims", "16",
                    "--memory-steps", "2", "--memory-processes", "1", "2")
     jobs = results["memory"]["jobs"]
-    assert sorted(jobs) == ["1", "2"] and [len(jobs[p]["ranks"]) for p in ("1", "2")] == [1, 2]
+    assert sorted(jobs) == ["1", "2", "2-replicated"]  # the default recipe shards; the replicated job compares
+    assert [len(jobs[p]["ranks"]) for p in ("1", "2", "2-replicated")] == [1, 2, 2]
+    assert jobs["2"]["shard_optimizer"] and not jobs["2-replicated"]["shard_optimizer"]
     for rank in jobs["2"]["ranks"]:
         assert rank["steps"] == 2 and rank["peak_rss_mb"] > rank["pss_mb"] > 0  # the shared data counts once
     assert jobs["1"]["pss_ratio"] == 1 and jobs["2"]["pss_ratio"] > 1

@@ -67,6 +67,12 @@ def _scale(reference, key, case):
     match = re.fullmatch(r"(last|best)/b(\d+)", key)
     if "batchnorm" in case and match and f"{match[1]}/gamma{match[2]}" in reference:
         return np.max(np.abs(reference[f"{match[1]}/W{match[2]}"]))
+    match = re.fullmatch(r"state/b(\d+)/(\w+)", key)  # the update rule's state of such a bias: the same
+    if "batchnorm" in case and match and f"last/gamma{match[1]}" in reference:
+        return np.max(np.abs(reference[f"state/W{match[1]}/{match[2]}"]))
+    match = re.fullmatch(r"grads/b(\d+)", key)  # and its gradient
+    if "batchnorm" in case and match and f"last/gamma{match[1]}" in reference:
+        return np.max(np.abs(reference[f"grads/W{match[1]}"]))
     return None
 
 
@@ -74,12 +80,15 @@ def _scale(reference, key, case):
 @pytest.mark.parametrize("case", SYNCED)
 def test_n_processes_compute_what_one_process_computes(mpi_results, case):
     """Same seed and global batch (50: uneven shards over 3 and 4 processes), float64, 20 steps: the same
-    parameters (after the last step and the best ones), batchnorm running statistics, loss history, and accuracies."""
+    parameters (after the last step and the best ones), update-rule state, batchnorm running statistics, loss history,
+    and accuracies; the sharded cases keep each block of the rule's state on one process only."""
     n, results = mpi_results
     ours, reference = results[case], serial_reference(case)
     assert ours.keys() == reference.keys()
-    params = [key for key in reference if key.startswith(("last/", "best/", "norm"))]
-    assert len(params) >= 12 and ("batchnorm" not in case or "norm0/running_var" in params)
+    params = [key for key in reference if key.startswith(("last/", "best/", "norm", "state/", "grads/"))]
+    assert len(params) >= 18 and ("batchnorm" not in case or "norm0/running_var" in params)
+    assert any(key.startswith("state/W1/") for key in params) and "grads/W1" in params  # and what monitors see
+    np.testing.assert_allclose(ours["grad_norm"], reference["grad_norm"], rtol=1e-10)
     for key in params:
         assert ours[key].shape == reference[key].shape and ours[key].dtype == np.float64, key
         difference = _relative_difference(ours[key], reference[key], _scale(reference, key, case))
@@ -89,6 +98,50 @@ def test_n_processes_compute_what_one_process_computes(mpi_results, case):
     for key in ("train_acc_history", "val_acc_history", "check_accuracy"):  # sharded evaluation: exact counts
         np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
     assert reference["val_acc_history"][-1] > 0.5  # the runs learn something
+    sharded = case.startswith("sharded")
+    assert bool(ours["sharded"]) == sharded and not reference["sharded"]
+    state_size, whole = int(ours["local_state_size"]), int(reference["local_state_size"])
+    assert (state_size <= whole / n + 2) if sharded else state_size == whole, (state_size, whole)
+
+
+@pytest.mark.timeout(120)
+def test_sharded_checkpoints_hold_the_whole_state_and_resume_exactly(run_mpi, tmp_path):
+    """3 processes with shard_optimizer write checkpoints holding the whole optimizer state (gathered on rank 0), a
+    sharded resume from epoch 2 ends where the uninterrupted run ends, bit for bit, and one process resuming the
+    same checkpoint without sharding gets the same parameters (to rounding: its allreduce-free sums differ)."""
+    from dpnet.checkpoint import load_checkpoint, restore_checkpoint
+    from dpnet.solver import Solver
+
+    toy = _load_script("toy")
+    result = run_mpi(3, "solver_sharded_checkpoint.py", tmp_path, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with np.load(tmp_path / "final.npz") as archive:
+        final = {key: archive[key] for key in archive.files}
+    arrays, _ = load_checkpoint(tmp_path / "run_epoch_2.npz")
+    for name, value in toy.toy_model().params.items():
+        for key in ("m", "v"):
+            assert arrays[f"optim/{name}/{key}"].shape == value.shape  # whole, not rank 0's block
+        np.testing.assert_array_equal(final[f"resumed/{name}"], final[f"full/{name}"], err_msg=name)
+
+    serial = Solver(toy.toy_model(), toy.toy_data(), comm=SerialCommunicator(), **toy.SHARDED_OPTIONS)
+    restore_checkpoint(serial, tmp_path / "run_epoch_2.npz")
+    serial.train()
+    serial.use_params("final")
+    for name, value in serial.model.params.items():
+        assert _relative_difference(value, final[f"full/{name}"]) <= 1e-10, name
+
+
+def test_a_rule_that_is_not_elementwise_is_refused_for_sharding():
+    from dpnet.sharding import ShardError
+    from dpnet.solver import Solver
+
+    toy = _load_script("toy")
+
+    def clipped_sgd(w, dw, config=None):  # depends on the whole gradient's norm: not elementwise
+        return w - 1e-2 * dw / max(1.0, float(np.linalg.norm(dw))), config
+
+    with pytest.raises(ShardError, match="'clipped_sgd' cannot shard its state"):
+        Solver(toy.toy_model(), toy.toy_data(), update_rule=clipped_sgd, shard_optimizer=True, verbose=False)
 
 
 @pytest.mark.timeout(180)

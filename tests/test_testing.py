@@ -272,3 +272,29 @@ def test_in_place_variant_is_checked_against_the_rule():
     rule.in_place = differs
     with pytest.raises(AssertionError, match="in-place variant differs from the rule by up to"):
         check_update_rule(rule)
+
+
+def test_an_elementwise_declaration_is_checked():
+    def scaled(w, dw, config=None):  # steps of a fixed total length: depends on the whole gradient
+        config = {} if config is None else config
+        config.setdefault("learning_rate", 1e-1)
+        w -= config["learning_rate"] * dw / max(1e-12, float(np.linalg.norm(dw)))
+        return w, config
+
+    def rule(w, dw, config=None):
+        return scaled(np.array(w), dw, config)
+
+    rule.in_place = scaled
+    check_update_rule(rule)  # a fine rule, as long as it does not claim to be elementwise
+    rule.elementwise = True
+    with pytest.raises(AssertionError, match="declares rule.elementwise = True but its update of flat segments"):
+        check_update_rule(rule)
+
+    def no_in_place(w, dw, config=None):
+        return rule(w, dw, config)
+
+    no_in_place.elementwise = True
+    with pytest.raises(AssertionError, match="without an in-place variant"):
+        check_update_rule(no_in_place)
+    assert all(getattr(registry.get_update_rule(name), "elementwise", False)
+               for name in ("sgd", "sgd_momentum", "rmsprop", "adam"))  # and test_every_registered... checks them

@@ -392,12 +392,16 @@ def test_mpi_run_matches_one_process_and_only_rank_0_speaks(mpi2, cifar10_dir, d
     single = run_ok(*SMALL, *RECIPE, "--dropout", "1", "--data-dir", cifar10_dir, "--logdir", tmp_path / "logs",
                     "--checkpoint-dir", tmp_path / "ck", cwd=tmp_path, cache=dpnet_cache_dir)
     assert "2 processes x 1 BLAS thread" in mpi2.result.stdout
+    assert "update-rule state sharded over the processes" in mpi2.result.stdout  # the default: the same results
     assert len(re.findall(r"^epoch 1/3", mpi2.result.stdout, flags=re.M)) == 1
     assert printed_accuracy(mpi2.result) == printed_accuracy(single)
     assert_same_state(tmp_path / "ck" / "last.npz", mpi2.ckdir / "last.npz", tol=1e-10)
     assert checkpoint(mpi2.ckdir / "last.npz")[1]["num_processes"] == 2
     assert len(list(mpi2.logdir.glob("events.out.tfevents.*"))) == 1
     assert [s for s, _ in read_scalars(mpi2.logdir)["train/loss"]] == list(range(1, ITERATIONS + 1))
+    gradient_histograms = {value.tag for event in read_events(mpi2.logdir) for value in event.summary.value
+                           if value.HasField("histo") and value.tag.startswith("gradients/")}
+    assert gradient_histograms == {f"gradients/{name}" for name in PARAMS}  # sharded: gathered at epoch ends
     assert (mpi2.logdir / "curves.png").is_file()
 
 

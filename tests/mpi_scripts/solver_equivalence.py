@@ -16,13 +16,18 @@ from dpnet.solver import Solver
 
 SHAPE, CLASSES, NUM_TRAIN, NUM_VAL, BATCH, EPOCHS = (3, 4, 4), 5, 500, 70, 50, 2
 
-# name -> options: normalization, update rule, sync_batchnorm, lazy (uint8 ImageArray inputs)
+# name -> options: normalization, update rule, sync_batchnorm, lazy (uint8 ImageArray inputs), shard (shard_optimizer),
+# weight_decay
 CASES = {
     f"{norm or 'plain'}-{rule}": dict(normalization=norm, rule=rule)
     for norm in (None, "batchnorm", "layernorm") for rule in ("sgd_momentum", "adam")
 }
 CASES["batchnorm-nosync-adam"] = dict(normalization="batchnorm", rule="adam", sync_batchnorm=False)
 CASES["lazy-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd_momentum", lazy=True)
+# The optimizer state sharded over the processes (shard_optimizer; one process has nothing to shard).
+CASES["sharded-plain-sgd_momentum"] = dict(normalization=None, rule="sgd_momentum", shard=True)
+CASES["sharded-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", shard=True)
+CASES["sharded-layernorm-adam-decay"] = dict(normalization="layernorm", rule="adam", shard=True, weight_decay=0.5)
 # Adam's epsilon is raised from 1e-8 so that it does not blow the rounding noise of zero-gradient parameters (the biases
 # feeding batchnorm) up to 1e-11-sized values that then shift the running means by 1e-10 relative in every run.
 OPTIM_CONFIGS = {"sgd_momentum": {"learning_rate": 0.05}, "adam": {"learning_rate": 2e-3, "epsilon": 1e-6}}
@@ -45,10 +50,18 @@ def make_data(lazy=False):
 
 
 class _LastParams:
-    """A monitor keeping the parameters after the last step (train() then restores the best ones)."""
+    """A monitor keeping the parameters and the update rule's state after the last step (train() then restores the
+    best parameters), and the last gradient and gradient norm the monitors were given."""
+
+    def on_iteration_end(self, solver, info):
+        if info["grads"] is not None:  # with shard_optimizer: only at the last iteration of an epoch
+            self.grads = {name: value.copy() for name, value in info["grads"].items()}
+        self.grad_norm = info["grad_norm"]
 
     def on_epoch_end(self, solver, info):
         self.params = {name: value.copy() for name, value in solver.model.params.items()}
+        self.state = {f"{name}/{key}": value.copy() for name, config in solver.optimizer_state().items()
+                      for key, value in config.items() if isinstance(value, np.ndarray)}
 
 
 def run(case, comm):
@@ -62,12 +75,19 @@ def run(case, comm):
     solver = Solver(model, data, update_rule=options["rule"],
                     optim_config=OPTIM_CONFIGS[options["rule"]], lr_decay=0.9,
                     batch_size=BATCH, num_epochs=EPOCHS, num_train_samples=120, seed=3, comm=comm, verbose=False,
-                    monitors=[last], sync_batchnorm=options.get("sync_batchnorm", True))
+                    monitors=[last], sync_batchnorm=options.get("sync_batchnorm", True),
+                    shard_optimizer=options.get("shard", False), weight_decay=options.get("weight_decay", 0.0))
     solver.train()
     out = {f"last/{name}": value for name, value in getattr(last, "params", {}).items()}
+    out.update({f"state/{key}": value for key, value in getattr(last, "state", {}).items()})
+    out.update({f"grads/{name}": value for name, value in getattr(last, "grads", {}).items()})
+    out["grad_norm"] = np.array(getattr(last, "grad_norm", np.nan))
     out.update({f"best/{name}": value for name, value in model.params.items()})
     for i, param in enumerate(model.bn_params):
         out.update({f"norm{i}/{key}": param[key] for key in ("running_mean", "running_var") if key in param})
+    out["sharded"] = np.array(solver._shards is not None)
+    out["local_state_size"] = np.array(sum(value.size for config in solver.optim_configs.values()
+                                           for value in config.values() if isinstance(value, np.ndarray)))
     out["loss_history"] = np.array(solver.loss_history)
     out["train_acc_history"] = np.array(solver.train_acc_history)
     out["val_acc_history"] = np.array(solver.val_acc_history)
