@@ -134,9 +134,11 @@ def restore_checkpoint(solver, path):
     _check_matches(path, model, arrays, meta)
     for name in model.params:
         model.params[name] = arrays[f"param/{name}"].copy()
-    solver.best_params = {key[len("best/"):]: value for key, value in arrays.items() if key.startswith("best/")}
+    keep = solver.comm.rank == 0  # only rank 0 keeps the best parameters (see Solver.use_params)
+    solver.best_params = {key[len("best/"):]: value for key, value in arrays.items()
+                          if key.startswith("best/") and keep}
     solver.best_norm_state = {key[len("best_norm/"):]: value for key, value in arrays.items()
-                              if key.startswith("best_norm/")}
+                              if key.startswith("best_norm/") and keep}
     for i, param in enumerate(getattr(model, "bn_params", [])):
         prefix = f"norm/{i}/"
         param.update({key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)})

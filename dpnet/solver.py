@@ -360,8 +360,9 @@ class Solver:
     def train(self):
         """Run the optimization until num_epochs are done (continuing where a restored checkpoint left off).
 
-        At the end the model holds the parameters with the best validation accuracy (best_params), with the
-        normalization state (running statistics) they were evaluated with; use_params("final") switches to the last.
+        At the end the model holds the parameters with the best validation accuracy (best_params, which only rank 0
+        keeps when there are several processes), with the normalization state (running statistics) they were
+        evaluated with; use_params("final") switches to the last.
         """
         num_iterations = self.num_epochs * self.iterations_per_epoch
         self._stop_requested = False
@@ -418,14 +419,41 @@ class Solver:
 
     def use_params(self, which):
         """Load the "best" (by validation accuracy) or the "final" parameters and normalization state into the
-        model (both are known once train() has returned)."""
-        params, norm = {"best": (self.best_params, self.best_norm_state),
-                        "final": (self.final_params, self.final_norm_state)}[which]
-        for name, value in params.items():
-            self.model.params[name] = value.copy()
+        model (both are known once train() has returned).
+
+        With several processes only rank 0 keeps the best ones (a copy of the model per process would be waste: the
+        replicas are identical); "best" broadcasts them, so it is collective: call it on every rank.
+        """
+        if which not in ("best", "final"):
+            raise ValueError(f"use_params: expected 'best' or 'final', got {which!r}")
+        if which == "best" and self.comm.size > 1:
+            params, norm = self._broadcast_best()
+        else:
+            params, norm = {"best": (self.best_params, self.best_norm_state),
+                            "final": (self.final_params, self.final_norm_state)}[which]
+            params = {name: value.copy() for name, value in params.items()}
+            norm = {name: value.copy() for name, value in norm.items()}
+        self.model.params.update(params)
         for name, value in norm.items():
             i, key = name.split("/", 1)
-            self.model.bn_params[int(i)][key] = value.copy()
+            self.model.bn_params[int(i)][key] = value
+
+    def _broadcast_best(self):
+        """Rank 0's best parameters and normalization state, on every rank (new arrays). Collective."""
+        state = {f"param/{name}": value for name, value in self.model.params.items()}
+        state.update({f"norm/{name}": value for name, value in self._norm_state().items()})
+        held = np.array([len(self.best_params) > 0], dtype=np.int64)
+        self.comm.bcast(held)
+        if not held[0]:
+            raise RuntimeError("use_params('best'): there are no best parameters yet (train() first)")
+        best = {**{f"param/{k}": v for k, v in self.best_params.items()},
+                **{f"norm/{k}": v for k, v in self.best_norm_state.items()}}
+        out = {}
+        for key in sorted(state):
+            out[key] = np.array(best[key], copy=True) if self.comm.rank == 0 else np.empty_like(state[key])
+            self.comm.bcast(out[key])
+        return ({k[len("param/"):]: v for k, v in out.items() if k.startswith("param/")},
+                {k[len("norm/"):]: v for k, v in out.items() if k.startswith("norm/")})
 
     def _norm_state(self):
         """The float arrays of the normalization layers' state (running statistics), by "<layer>/<key>"."""
@@ -450,10 +478,12 @@ class Solver:
         val_acc = self.check_accuracy(self.X_val, self.y_val, num_samples=self.num_val_samples)
         self.train_acc_history.append(train_acc)
         self.val_acc_history.append(val_acc)
-        if val_acc > self.best_val_acc or not self.best_params:
+        if val_acc > self.best_val_acc or len(self.val_acc_history) == 1:
             self.best_val_acc = val_acc
-            self.best_params = {name: value.copy() for name, value in self.model.params.items()}
-            self.best_norm_state = {name: value.copy() for name, value in self._norm_state().items()}
+            # Rank 0 keeps the copy (for the checkpoints it writes and use_params); the other ranks none.
+            keep = self.comm.rank == 0
+            self.best_params = {name: value.copy() for name, value in self.model.params.items()} if keep else {}
+            self.best_norm_state = {name: value.copy() for name, value in self._norm_state().items()} if keep else {}
 
     def _end_epoch(self):
         if self.comm.size > 1:

@@ -98,6 +98,7 @@ def test_n_processes_compute_what_one_process_computes(mpi_results, case):
     for key in ("train_acc_history", "val_acc_history", "check_accuracy"):  # sharded evaluation: exact counts
         np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
     assert reference["val_acc_history"][-1] > 0.5  # the runs learn something
+    assert ours["ranks_holding_best"].sum() == reference["ranks_holding_best"].sum() == 1  # rank 0 alone
     sharded = case.startswith("sharded")
     assert bool(ours["sharded"]) == sharded and not reference["sharded"]
     state_size, whole = int(ours["local_state_size"]), int(reference["local_state_size"])

@@ -86,6 +86,8 @@ def run(case, comm):
     for i, param in enumerate(model.bn_params):
         out.update({f"norm{i}/{key}": param[key] for key in ("running_mean", "running_var") if key in param})
     out["sharded"] = np.array(solver._shards is not None)
+    holding = np.array([len(solver.best_params) > 0], dtype=np.int64)
+    out["ranks_holding_best"] = comm.allreduce(holding)
     out["local_state_size"] = np.array(sum(value.size for config in solver.optim_configs.values()
                                            for value in config.values() if isinstance(value, np.ndarray)))
     out["loss_history"] = np.array(solver.loss_history)
