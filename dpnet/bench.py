@@ -15,11 +15,12 @@ what is compared is interleaved, so that whatever else the machine does slows bo
   momentum 0.9, adam; PyTorch's default optimizer implementations), each in its own process (two thread pools in one
   process would spin against each other), alternating in ABBA rounds. PyTorch is optional: without it the rows say
   how to get it. Target: dpnet ahead (aim for 1.3x).
-- distributed: the Solver (sgd, float32) as 1 process x T BLAS threads against P MPI processes x T/P threads,
-  alternating in ABBA rounds; inside each process the Allreduce of the fused gradient is timed where it happens (a
-  rank waiting for a slower one counts as communication), its share of the step is that of the worst rank. Also the
-  fused in-place Allreduce (packing included) against one pickled allreduce per gradient array, interleaved. Target:
-  communication <= 10% of the step at 2 processes.
+- distributed: the Solver (sgd, float32) as 1 process x T BLAS threads against P MPI processes x T/P threads, with
+  the optimizer state replicated and sharded, alternating in forward and reversed order round by round; inside each
+  process the parameter-sized collectives (the fused gradient's Allreduce; sharded, the gradient's reduce-scatter and
+  the parameters' allgather) are timed where they happen (a rank waiting for a slower one counts as communication),
+  their share of the step is that of the worst rank. Also the fused in-place Allreduce (packing included) against
+  one pickled allreduce per gradient array, interleaved. Target: communication <= 10% of the step at 2 processes.
 - memory: peak RSS and peak PSS (proportional set size, /proc/<pid>/smaps_rollup: shared pages, such as the
   memory-mapped CIFAR-10 cache in the page cache, divided among the processes mapping them; RSS counts them in every
   process) of 1 and of 4 processes (mpiexec) training the command line's default model and recipe
@@ -276,34 +277,49 @@ def section_torch(args):
 
 # ----------------------------------------------------------------------------------------------- 3. 1 process vs P
 def worker_distributed(spec):
-    """Inside each process of a job: train with the Solver, timing every step and the fused gradient's Allreduce."""
+    """Inside each process of a job: train with the Solver, timing every step and its parameter-sized collectives
+    (the fused gradient's Allreduce; with spec["shard_optimizer"] the gradient's reduce-scatter and the parameters'
+    allgather)."""
     from .classifiers.fc_net import FullyConnectedNet
     from .distributed import get_communicator, set_blas_threads
     from .solver import Solver
 
     set_blas_threads(spec["threads"])
     comm = get_communicator()
-    step_times, allreduce_times, solver_allreduce_times = [], [], []
-    big = spec["gradient_size"] // 2  # only the fused gradient buffer is this large (the others hold a few counts)
+    step_times, comm_times, solver_allreduce_times = [], [], []
+    big = spec["gradient_size"] // 2  # only the gradient and parameter buffers are this large (others: a few counts)
+    in_step = [0.0]  # time spent in parameter-sized collectives during the current step
+
+    def timed_collective(call, buf, *args):
+        start = time.perf_counter()
+        call(buf, *args)
+        if buf.size >= big:
+            in_step[0] += time.perf_counter() - start
+        return buf
 
     class TimedComm:
-        """The communicator, with the time of the gradient's allreduce recorded."""
+        """The communicator, with the time of its parameter-sized collectives recorded."""
 
         def __getattr__(self, name):
             return getattr(comm, name)
 
         def allreduce(self, buf, op="sum"):
-            start = time.perf_counter()
-            comm.allreduce(buf, op)
-            if buf.size >= big:
-                allreduce_times.append(time.perf_counter() - start)
-            return buf
+            return timed_collective(comm.allreduce, buf, op)
+
+        def reduce_scatter(self, sendbuf, recvbuf, counts):
+            timed_collective(lambda b, *a: comm.reduce_scatter(b, recvbuf, counts), sendbuf)
+            return recvbuf
+
+        def allgather(self, buf, counts):
+            return timed_collective(comm.allgather, buf, counts)
 
     class TimedSolver(Solver):
         def _step(self):
+            in_step[0] = 0.0
             start = time.perf_counter()
             result = super()._step()
             step_times.append(time.perf_counter() - start)
+            comm_times.append(in_step[0])
             return result
 
         def _allreduce(self, *args):
@@ -325,16 +341,19 @@ def worker_distributed(spec):
     total = spec["warmup"] + spec["repeats"]
     solver = TimedSolver(model, data, update_rule=spec["rule"], optim_config={"learning_rate": 1e-4},
                          batch_size=batch, num_epochs=-(-total // steps_per_epoch), num_train_samples=batch, seed=0,
-                         comm=TimedComm() if comm.size > 1 else comm, verbose=False)
+                         comm=TimedComm() if comm.size > 1 else comm, verbose=False,
+                         shard_optimizer=spec.get("shard_optimizer", False))
     solver.train()
     steps = np.array(step_times[spec["warmup"]:total])
     result = dict(rank=comm.rank, steps=steps.tolist())
     if comm.size == 1:
         return [result]
-    reduces = np.array(allreduce_times[spec["warmup"]:total])
+    reduces = np.array(comm_times[spec["warmup"]:total])
+    result.update(allreduce=reduces.tolist(), share=float(np.median(reduces / steps)))
+    if spec.get("shard_optimizer"):
+        return comm.comm.gather(result, root=0)
     packed = np.array(solver_allreduce_times[spec["warmup"]:total])
-    result.update(allreduce=reduces.tolist(), share=float(np.median(reduces / steps)),
-                  solver_allreduce=packed.tolist(), solver_share=float(np.median(packed / steps)))
+    result.update(solver_allreduce=packed.tolist(), solver_share=float(np.median(packed / steps)))
     result.update(compare_fused_and_pickled(comm, model, data, spec["allreduce_repeats"]))
     import mpi4py
 
@@ -371,7 +390,7 @@ def section_distributed(args):
     if mpiexec() is None or importlib.util.find_spec("mpi4py") is None:
         return dict(available=False, note=MPI_HINT)
     P, T = args.processes, args.threads
-    configs = {"serial": (1, T), "parallel": (P, max(1, T // P))}
+    configs = {"serial": (1, T, False), "parallel": (P, max(1, T // P), False), "sharded": (P, max(1, T // P), True)}
     from .classifiers.fc_net import FullyConnectedNet
 
     gradient_size = sum(p.size for p in FullyConnectedNet(args.hidden_dims, dtype=np.float32).params.values())
@@ -382,20 +401,27 @@ def section_distributed(args):
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
             for name in list(configs) if r % 2 == 0 else list(configs)[::-1]:  # ABBA
-                p, t = configs[name]
-                _progress(f"distributed section, round {r + 1}/{args.rounds}: {p} x {t} threads")
-                runs[name].append(run_worker("distributed", dict(spec, threads=t), folder, threads=t, processes=p))
+                p, t, shard = configs[name]
+                _progress(f"distributed section, round {r + 1}/{args.rounds}: {p} x {t} threads"
+                          f"{', optimizer state sharded' if shard else ''}")
+                runs[name].append(run_worker("distributed", dict(spec, threads=t, shard_optimizer=shard), folder,
+                                             threads=t, processes=p))
     serial = [t for run in runs["serial"] for t in run[0]["steps"]]
     parallel = [t for run in runs["parallel"] for t in run[0]["steps"]]
     first = runs["parallel"][0][0]
     collect = lambda key: [t for run in runs["parallel"] for t in run[0][key]]  # noqa: E731
     shares = [max(rank["share"] for rank in run) for run in runs["parallel"]]
+    sharded = [t for run in runs["sharded"] for t in run[0]["steps"]]
+    sharded_shares = [max(rank["share"] for rank in run) for run in runs["sharded"]]
     return dict(
         available=True, processes=P, threads=T, rule="sgd", dtype="float32",
         serial_step_ms=median_ms(serial), parallel_step_ms=median_ms(parallel),
         serial_step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs["serial"]],
         parallel_step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs["parallel"]],
         speedup=float(np.median(serial) / np.median(parallel)),
+        sharded_step_ms=median_ms(sharded), sharded_speedup=float(np.median(serial) / np.median(sharded)),
+        sharded_comm_share=float(np.median(sharded_shares)),
+        sharded_comm_ms=median_ms([t for run in runs["sharded"] for rank in run for t in rank["allreduce"]]),
         allreduce_share=float(np.median(shares)), allreduce_share_per_round=shares,
         solver_allreduce_share=float(np.median([max(rank["solver_share"] for rank in run)
                                                 for run in runs["parallel"]])),
@@ -596,8 +622,14 @@ def table_rows(results, args):
                      f"{dist['speedup']:.2f}x", ""))
         rows.append(("1 vs P processes", f"Allreduce share, {P} processes",
                      f"{dist['allreduce_ms']:.2f} ms of the step",
-                     f"with packing {100 * dist['solver_allreduce_share']:.1f}%",
+                     f"Solver._allreduce {100 * dist['solver_allreduce_share']:.1f}%",
                      f"{100 * dist['allreduce_share']:.1f}%", "<= 10%"))
+        rows.append(("1 vs P processes", f"step, {label}, optimizer state sharded",
+                     f"{dist['sharded_step_ms']:.2f} ms", f"{dist['serial_step_ms']:.2f} ms",
+                     f"{dist['sharded_speedup']:.2f}x", ""))
+        rows.append(("1 vs P processes", f"reduce-scatter + allgather share, {P} processes, sharded",
+                     f"{dist['sharded_comm_ms']:.2f} ms of the step", "",
+                     f"{100 * dist['sharded_comm_share']:.1f}%", "<= 10%"))
         rows.append(("1 vs P processes", f"fused vs pickled ({dist['gradient_megabytes']:.1f} MB)",
                      f"{dist['fused_ms']:.2f} ms (call alone {dist['reduce_only_ms']:.2f})",
                      f"pickled {dist['pickled_ms']:.2f} ms", f"{dist['fused_speedup']:.1f}x", ""))

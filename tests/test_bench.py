@@ -56,7 +56,8 @@ def test_distributed_section(tmp_path, mpiexec):
     section = results["distributed"]
     assert section["available"] and section["processes"] == 2
     for key in ("serial_step_ms", "parallel_step_ms", "speedup", "allreduce_share", "solver_allreduce_share",
-                "allreduce_ms", "fused_ms", "pickled_ms", "fused_speedup"):
+                "allreduce_ms", "fused_ms", "pickled_ms", "fused_speedup", "sharded_step_ms", "sharded_speedup",
+                "sharded_comm_share", "sharded_comm_ms"):
         assert section[key] > 0, key
 
 

@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 
-from dpnet.distributed import MPICommunicator, check_in_sync, get_communicator, make_reducer
+from dpnet.distributed import (MPICommunicator, SerialCommunicator, block_counts, check_in_sync, get_communicator,
+                               make_reducer)
 
 comm = get_communicator()
 r, n = comm.rank, comm.size
@@ -31,6 +32,39 @@ for bad, error in ((np.zeros((4, 4))[:, 0], ValueError), ([1.0, 2.0], TypeError)
         assert "contiguous" in str(exc) or "NumPy" in str(exc), exc
     else:
         raise AssertionError(f"allreduce accepted {bad!r}")
+
+# Block collectives, with equal blocks (the MPI block variants) and unequal ones (the v variants).
+for counts in ([3] * n, block_counts(3 * n + 1, n), [0] * (n - 1) + [4]):
+    displs = np.cumsum([0, *counts[:-1]])
+    mine = slice(displs[r], displs[r] + counts[r])
+    for dtype in (np.float32, np.float64):
+        send = (np.arange(sum(counts)) + 100 * r).astype(dtype)
+        recv = np.full(counts[r], -1, dtype=dtype)
+        assert comm.reduce_scatter(send, recv, counts) is recv
+        expected = n * np.arange(sum(counts)) + 100 * n * (n - 1) // 2
+        assert (recv == expected[mine]).all(), (counts, recv)
+        buf = np.full(sum(counts), -1, dtype=dtype)
+        buf[mine] = 10 * r + np.arange(counts[r])
+        assert comm.allgather(buf, counts) is buf
+        assert (buf == np.concatenate([10 * q + np.arange(c) for q, c in enumerate(counts)])).all(), (counts, buf)
+        part = np.full(counts[r], r, dtype=dtype)
+        whole = np.full(sum(counts), -1, dtype=dtype) if r == 0 else None
+        gathered = comm.gather(part, whole, counts)
+        if r == 0:
+            assert gathered is whole and (whole == np.repeat(np.arange(n), counts)).all(), (counts, whole)
+        else:
+            assert gathered is None
+for call in (lambda: comm.reduce_scatter(np.zeros(5), np.zeros(1), [1] * n),  # 5 != sum of the counts
+             lambda: comm.allgather(np.zeros(n), [1] * (n + 1))):  # one count per process
+    try:
+        call()
+    except ValueError as exc:
+        assert "sum(counts)" in str(exc), exc
+    else:
+        raise AssertionError("a block collective accepted bad counts")
+serial = SerialCommunicator()
+recv = np.zeros(3)
+assert (serial.reduce_scatter(np.arange(3.0), recv, [3]) == [0, 1, 2]).all()
 
 local = np.array([r + 1.0, 1.0], dtype=np.float32)
 total = make_reducer(comm)(local)
