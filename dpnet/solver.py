@@ -17,6 +17,7 @@ call; with shard_optimizer only at an epoch's last iteration, else None), `grad_
 
 import functools
 import inspect
+import sys
 import time
 import weakref
 
@@ -363,7 +364,22 @@ class Solver:
         At the end the model holds the parameters with the best validation accuracy (best_params, which only rank 0
         keeps when there are several processes), with the normalization state (running statistics) they were
         evaluated with; use_params("final") switches to the last.
+
+        With several processes, a SystemExit raised on one rank during training (say, a monitor on rank 0 calling
+        sys.exit) ends the whole job through MPI_Abort with its exit code: the other ranks, waiting in a collective,
+        would otherwise wait forever. To end training early on every rank, call stop().
         """
+        try:
+            return self._train()
+        except SystemExit as exc:
+            if self.comm.size == 1:
+                raise
+            code = exc.code if isinstance(exc.code, int) and exc.code else 1
+            print(f"dpnet: rank {self.comm.rank} of {self.comm.size} left training with SystemExit({exc.code!r}); "
+                  "aborting all ranks (solver.stop() ends training on every rank)", file=sys.stderr, flush=True)
+            self.comm.abort(code)
+
+    def _train(self):
         num_iterations = self.num_epochs * self.iterations_per_epoch
         self._stop_requested = False
         self._notify("on_train_begin", self)

@@ -179,6 +179,15 @@ def test_a_diverging_loss_stops_every_rank_at_the_same_iteration(run_mpi, tmp_pa
 
 
 @pytest.mark.timeout(60)
+def test_sys_exit_on_one_rank_ends_the_job_with_its_code(run_mpi):
+    result = run_mpi(3, "solver_faults.py", "exit", timeout=30)
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert result.elapsed < 15, f"the job took {result.elapsed:.1f} s to die"
+    assert "dpnet: rank 0 of 3 left training with SystemExit(5); aborting all ranks" in result.stderr
+    assert "finished" not in result.stdout
+
+
+@pytest.mark.timeout(60)
 def test_a_diverged_replica_is_detected_at_the_end_of_the_epoch(run_mpi):
     """Rank 1 of 3 perturbs one weight by 1e-3 at iteration 3; epoch 1 ends at iteration 10 (300 samples, batch 30)."""
     result = run_mpi(3, "solver_faults.py", "diverge", timeout=30)

@@ -6,6 +6,7 @@ MODE:
   DIR/rank<r>.txt and waits (at most 5 s) for the other ranks' files before re-raising, so that the test can see which
   ranks stopped and why (the first unhandled exception aborts the whole job).
 - diverge: rank 1 adds 1e-3 to one weight at iteration 3; check_in_sync must stop every rank after epoch 1.
+- exit: a monitor (on rank 0) calls sys.exit(5) at iteration 3 while the other ranks go on to the next collective.
 Every rank prints "finished" if training ends normally (it must not, in any mode).
 """
 
@@ -21,8 +22,16 @@ from dpnet.solver import Solver
 mode = sys.argv[1]
 comm = get_communicator()
 data, model = toy_data(), toy_model()
+
+
+class ExitAt3:
+    def on_iteration_end(self, solver, info):
+        if info["iteration"] == 3:
+            sys.exit(5)
+
+
 solver = Solver(model, data, optim_config={"learning_rate": 1e30 if mode == "nan" else 1e-2}, batch_size=30,
-                num_epochs=3, seed=1, comm=comm, verbose=False)
+                num_epochs=3, seed=1, comm=comm, verbose=False, monitors=[ExitAt3()] if mode == "exit" else [])
 
 if mode == "diverge" and comm.rank == 1:
     loss = model.loss
