@@ -69,7 +69,8 @@ def synthetic_batch(batch_size, dtype, seed=1):
 
 # ----------------------------------------------------------------------------------------------- 1. step vs floor
 def dpnet_step(hidden_dims, batch_size, dtype, rule):
-    """(model, step): step() is one training step of dpnet on a fixed batch: model.loss, then the Solver's update."""
+    """(model, step): step() is one training step of dpnet on a fixed batch, as the Solver takes it: the model's loss
+    with the gradients written into the Solver's buffer, then the Solver's update."""
     from .classifiers.fc_net import FullyConnectedNet
     from .distributed import SerialCommunicator
     from .solver import Solver
@@ -81,7 +82,7 @@ def dpnet_step(hidden_dims, batch_size, dtype, rule):
                     verbose=False, seed=0, comm=SerialCommunicator())
 
     def step():
-        _, grads = model.loss(X, y)
+        _, grads = solver._gradients(X, y)
         solver._update(grads)
 
     return model, step
