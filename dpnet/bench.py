@@ -24,7 +24,7 @@ what is compared is interleaved, so that whatever else the machine does slows bo
 - memory: peak RSS and peak PSS (proportional set size, /proc/<pid>/smaps_rollup: shared pages, such as the
   memory-mapped CIFAR-10 cache in the page cache, divided among the processes mapping them; RSS counts them in every
   process) of 1 and of 4 processes (mpiexec) training the command line's default model and recipe
-  (dpnet.train.DEFAULTS: optimizer state sharded) on the full CIFAR-10 for one short epoch of a few dozen steps (its
+  (dpnet.config.DEFAULTS: optimizer state sharded) on the full CIFAR-10 for one short epoch of a few dozen steps (its
   end included: evaluation, replica check, state gathered for checkpoints), and of 4 processes again with the state
   replicated; and what each process beyond the first adds. Target: 4 processes <= 1.5 x one process.
 
@@ -453,7 +453,8 @@ def worker_memory(spec):
     from .data_utils import locate_CIFAR10
     from .distributed import get_communicator, set_blas_threads
     from .solver import Solver
-    from .train import DEFAULTS, build_model, load_data
+    from .config import DEFAULTS
+    from .train import build_model, load_data
 
     comm = get_communicator()
     set_blas_threads(comm=comm)
@@ -496,7 +497,7 @@ def section_memory(args):
         return dict(available=False, note=f"needs CIFAR-10: give --data-dir ({first_line})")
     if mpiexec() is None or importlib.util.find_spec("mpi4py") is None:
         return dict(available=False, note=MPI_HINT)
-    from .train import DEFAULTS
+    from .config import DEFAULTS
 
     hidden = args.memory_hidden_dims if args.memory_hidden_dims is not None else DEFAULTS["hidden_dims"]
     spec = dict(data_dir=args.data_dir and str(args.data_dir), hidden_dims=hidden, steps=args.memory_steps)
@@ -690,7 +691,7 @@ def build_parser():
     parser.add_argument("--memory-processes", type=int, nargs="+", default=[1, 4], help="jobs of the memory section")
     parser.add_argument("--memory-steps", type=int, default=40, help="training steps of each memory job")
     parser.add_argument("--memory-hidden-dims", type=int, nargs="+", default=None,
-                        help="model of the memory section (default: the command line's, dpnet.train.DEFAULTS)")
+                        help="model of the memory section (default: the command line's, dpnet.config.DEFAULTS)")
     parser.add_argument("--json", type=Path, help="write the results (and per-step times) to this JSON file")
     parser.add_argument("--worker", choices=sorted(_WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
