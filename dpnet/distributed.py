@@ -203,6 +203,7 @@ class MPICommunicator:
         """End every process of the job (MPI_COMM_WORLD) with exit code `code`; does not return."""
         _flush_std_streams()
         self._MPI.COMM_WORLD.Abort(code)
+        os._exit(code)  # MPICH's MPI_Abort can return before the process manager's kill arrives: never run on
 
 
 def _launched_size():
