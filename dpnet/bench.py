@@ -15,8 +15,9 @@ what is compared is interleaved, so that whatever else the machine does slows bo
   momentum 0.9, adam; PyTorch's default optimizer implementations), each in its own process (two thread pools in one
   process would spin against each other), alternating in ABBA rounds. PyTorch is optional: without it the rows say
   how to get it. Target: dpnet ahead (aim for 1.3x).
-- distributed: the Solver (sgd, float32) as 1 process x T BLAS threads against P MPI processes x T/P threads, with
-  the optimizer state replicated and sharded, alternating in forward and reversed order round by round; inside each
+- distributed: the Solver (float32, --distributed-rule, default sgd) as 1 process x T BLAS threads against P MPI
+  processes x T/P threads, with the optimizer state replicated and sharded, alternating in forward and reversed
+  order round by round; inside each
   process the parameter-sized collectives (the fused gradient's Allreduce; sharded, the gradient's reduce-scatter and
   the parameters' allgather) are timed where they happen (a rank waiting for a slower one counts as communication),
   their share of the step is that of the worst rank. Also the fused in-place Allreduce (packing included) against
@@ -395,7 +396,7 @@ def section_distributed(args):
     from .classifiers.fc_net import FullyConnectedNet
 
     gradient_size = sum(p.size for p in FullyConnectedNet(args.hidden_dims, dtype=np.float32).params.values())
-    spec = dict(hidden_dims=args.hidden_dims, batch_size=args.batch_size, dtype="float32", rule="sgd",
+    spec = dict(hidden_dims=args.hidden_dims, batch_size=args.batch_size, dtype="float32", rule=args.distributed_rule,
                 warmup=args.warmup, repeats=args.repeats, allreduce_repeats=args.allreduce_repeats,
                 gradient_size=gradient_size)
     runs = {name: [] for name in configs}
@@ -415,7 +416,7 @@ def section_distributed(args):
     sharded = [t for run in runs["sharded"] for t in run[0]["steps"]]
     sharded_shares = [max(rank["share"] for rank in run) for run in runs["sharded"]]
     return dict(
-        available=True, processes=P, threads=T, rule="sgd", dtype="float32",
+        available=True, processes=P, threads=T, rule=args.distributed_rule, dtype="float32",
         serial_step_ms=median_ms(serial), parallel_step_ms=median_ms(parallel),
         serial_step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs["serial"]],
         parallel_step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs["parallel"]],
@@ -618,7 +619,7 @@ def table_rows(results, args):
         rows.append(("1 vs P processes", "-", "-", dist["note"], "", ""))
     elif dist is not None:
         P, T = dist["processes"], dist["threads"]
-        label = f"{P} x {max(1, T // P)} thread{'s' if T // P > 1 else ''} vs 1 x {T}"
+        label = f"{dist['rule']}, {P} x {max(1, T // P)} thread{'s' if T // P > 1 else ''} vs 1 x {T}"
         rows.append(("1 vs P processes", f"step, {label}",
                      f"{dist['parallel_step_ms']:.2f} ms", f"{dist['serial_step_ms']:.2f} ms",
                      f"{dist['speedup']:.2f}x", ""))
@@ -685,6 +686,7 @@ def build_parser():
     parser.add_argument("--repeats", type=int, default=50, help="steps measured per configuration (and round)")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the torch and distributed sections")
     parser.add_argument("--processes", type=int, default=2, help="processes of the distributed section")
+    parser.add_argument("--distributed-rule", default="sgd", help="update rule of the distributed section")
     parser.add_argument("--allreduce-repeats", type=int, default=30, help="fused/pickled Allreduce repetitions")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="CIFAR-10 for the memory section (None: $DPNET_DATA_DIR, else dpnet's data folder)")
