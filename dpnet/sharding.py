@@ -49,7 +49,11 @@ class ShardedState:
         self.comm = comm
         self.names = sorted(model_params)
         self.shapes = {name: model_params[name].shape for name in self.names}
-        self.dtype = np.result_type(*(model_params[name].dtype for name in self.names))
+        dtypes = {np.dtype(model_params[name].dtype) for name in self.names}
+        if len(dtypes) != 1:
+            raise ShardError(f"sharding needs parameters of one dtype (they become views of one vector), got "
+                             f"{sorted(d.name for d in dtypes)}")
+        self.dtype = dtypes.pop()
         sizes = [int(np.prod(self.shapes[name])) for name in self.names]
         self.offsets = dict(zip(self.names, np.cumsum([0, *sizes[:-1]]).tolist()))
         self.size = sum(sizes)

@@ -69,3 +69,11 @@ def test_one_process_binds_the_model_to_one_flat_vector_and_updates_it():
     state.update(sgd)
     for name, value in params.items():
         np.testing.assert_allclose(value, original[name] - 0.05)
+
+
+def test_parameters_of_several_dtypes_are_refused():
+    from dpnet.sharding import ShardError
+
+    params = {**_params(), "b2": np.zeros(3, dtype=np.float32)}
+    with pytest.raises(ShardError, match=r"one dtype .* \['float32', 'float64'\]"):
+        ShardedState(SimpleNamespace(rank=0, size=2), params)
