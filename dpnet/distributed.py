@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 
 import numpy as np
@@ -202,6 +203,7 @@ class MPICommunicator:
     def abort(self, code=1):
         """End every process of the job (MPI_COMM_WORLD) with exit code `code`; does not return."""
         _flush_std_streams()
+        time.sleep(0.2)  # let the launcher forward what this process just wrote: an aborted job's unread output is lost
         self._MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # MPICH's MPI_Abort can return before the process manager's kill arrives: never run on
 
