@@ -74,3 +74,66 @@ def adamw(w, dw, config=None):
     v_hat = v / (1 - beta2**t)
     step = m_hat / (np.sqrt(v_hat) + config["epsilon"]) + config["weight_decay"] * w
     return w - config["learning_rate"] * step, config
+
+
+# In-place variants (``rule.in_place(w, dw, config) -> (w, config)``): they overwrite w and update the state arrays
+# in place, with the pure rules' operations in the same order, so both give the same values. dpnet's Solver uses them
+# for the parameters it owns, and, since each element's update depends on that element alone (``elementwise``), it
+# can shard their state over the processes of a data-parallel run.
+def _nesterov_in_place(w, dw, config=None):
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-2)
+    config.setdefault("momentum", 0.9)
+    mu = config["momentum"]
+    v = _state(config, "velocity", w)
+    w -= mu * v
+    v *= mu
+    v -= config["learning_rate"] * dw
+    w += (1 + mu) * v
+    return w, config
+
+
+def _adagrad_in_place(w, dw, config=None):
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-2)
+    config.setdefault("epsilon", 1e-8)
+    cache = _state(config, "cache", w)
+    cache += dw * dw
+    denominator = np.sqrt(cache)
+    denominator += config["epsilon"]
+    step = config["learning_rate"] * dw
+    step /= denominator
+    w -= step
+    return w, config
+
+
+def _adamw_in_place(w, dw, config=None):
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-3)
+    config.setdefault("beta1", 0.9)
+    config.setdefault("beta2", 0.999)
+    config.setdefault("epsilon", 1e-8)
+    config.setdefault("weight_decay", 1e-2)
+    config.setdefault("t", 0)
+    beta1, beta2 = config["beta1"], config["beta2"]
+    config["t"] += 1
+    t = config["t"]
+    m, v = _state(config, "m", w), _state(config, "v", w)
+    m *= beta1
+    m += (1 - beta1) * dw
+    v *= beta2
+    v += (1 - beta2) * dw * dw
+    step = m / (1 - beta1**t)
+    denominator = np.sqrt(v / (1 - beta2**t))
+    denominator += config["epsilon"]
+    step /= denominator
+    step += config["weight_decay"] * w
+    step *= config["learning_rate"]
+    w -= step
+    return w, config
+
+
+for _rule, _in_place in ((nesterov, _nesterov_in_place), (adagrad, _adagrad_in_place), (adamw, _adamw_in_place)):
+    _rule.in_place = _in_place
+    _rule.elementwise = True
+del _rule, _in_place

@@ -54,6 +54,25 @@ def test_update_rule_contract(name):
     testing.check_update_rule(registry.get_update_rule(name), config={"learning_rate": 1e-1})
 
 
+@pytest.mark.parametrize("name", RULES)
+def test_in_place_variants_compute_the_pure_rules_values_and_can_be_sharded(name):
+    from dpnet.sharding import is_shardable
+
+    rule = getattr(optim, name)
+    assert is_shardable(rule) and is_shardable(registry.get_update_rule(name))
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 7))
+    pure_w, pure_config, config = w.copy(), {}, {}
+    for _ in range(5):
+        dw = rng.standard_normal(w.shape)
+        pure_w, pure_config = rule(pure_w, dw, pure_config)
+        same, config = rule.in_place(w, dw, config)
+        assert same is w
+        np.testing.assert_array_equal(w, pure_w)  # the same operations in the same order: bit for bit
+    for key, value in pure_config.items():
+        np.testing.assert_array_equal(config[key], value, err_msg=key)
+
+
 def test_activation_values():
     x = np.array([-2.0, -0.5, 0.0, 0.5, 2.0])
     assert np.allclose(activations.leaky_relu_forward(x)[0], [-0.02, -0.005, 0.0, 0.5, 2.0])
