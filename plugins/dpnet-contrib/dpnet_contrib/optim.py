@@ -45,6 +45,20 @@ def adagrad(w, dw, config=None):
     return w - config["learning_rate"] * dw / (np.sqrt(cache) + config["epsilon"]), config
 
 
+def _adamw_step_config(config):
+    """(config, beta1, beta2, t) for one adamw step: config (a new dict if None) with the defaults filled in and its
+    step count t advanced."""
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-3)
+    config.setdefault("beta1", 0.9)
+    config.setdefault("beta2", 0.999)
+    config.setdefault("epsilon", 1e-8)
+    config.setdefault("weight_decay", 1e-2)
+    config.setdefault("t", 0)
+    config["t"] += 1
+    return config, config["beta1"], config["beta2"], config["t"]
+
+
 def adamw(w, dw, config=None):
     """AdamW (Loshchilov & Hutter): Adam with decoupled weight decay,
     w_next = w - learning_rate * (m_hat / (sqrt(v_hat) + epsilon) + weight_decay * w).
@@ -57,16 +71,7 @@ def adamw(w, dw, config=None):
     config: learning_rate (1e-3), beta1 (0.9), beta2 (0.999), epsilon (1e-8), weight_decay (1e-2); state m, v (zeros
     like w) and t (step count).
     """
-    config = {} if config is None else config
-    config.setdefault("learning_rate", 1e-3)
-    config.setdefault("beta1", 0.9)
-    config.setdefault("beta2", 0.999)
-    config.setdefault("epsilon", 1e-8)
-    config.setdefault("weight_decay", 1e-2)
-    config.setdefault("t", 0)
-    beta1, beta2 = config["beta1"], config["beta2"]
-    config["t"] += 1
-    t = config["t"]
+    config, beta1, beta2, t = _adamw_step_config(config)
     m = beta1 * _state(config, "m", w) + (1 - beta1) * dw
     v = beta2 * _state(config, "v", w) + (1 - beta2) * dw * dw
     config["m"], config["v"] = m, v
@@ -108,16 +113,7 @@ def _adagrad_in_place(w, dw, config=None):
 
 
 def _adamw_in_place(w, dw, config=None):
-    config = {} if config is None else config
-    config.setdefault("learning_rate", 1e-3)
-    config.setdefault("beta1", 0.9)
-    config.setdefault("beta2", 0.999)
-    config.setdefault("epsilon", 1e-8)
-    config.setdefault("weight_decay", 1e-2)
-    config.setdefault("t", 0)
-    beta1, beta2 = config["beta1"], config["beta2"]
-    config["t"] += 1
-    t = config["t"]
+    config, beta1, beta2, t = _adamw_step_config(config)
     m, v = _state(config, "m", w), _state(config, "v", w)
     m *= beta1
     m += (1 - beta1) * dw
