@@ -10,7 +10,7 @@ resumed from a checkpoint taken at an epoch boundary continues bit for bit.
 
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 
 import numpy as np
@@ -76,7 +76,7 @@ def save_checkpoint(path, solver, config=None):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     arrays = solver_state(solver, config)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    fd, tmp = _new_temporary_file(folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -87,6 +87,18 @@ def save_checkpoint(path, solver, config=None):
         os.unlink(tmp)
         raise
     return path
+
+
+def _new_temporary_file(folder):
+    """(fd, path) of a new file in folder, open for writing, with the permissions open() would give it (0666 less the
+    umask: tempfile.mkstemp's 0600 would leave every checkpoint readable by its writer alone)."""
+    for _ in range(100):
+        path = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(6)}.npz")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {folder}")
 
 
 def load_checkpoint(path):

@@ -206,6 +206,17 @@ def test_checkpoint_write_is_atomic(data, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["run.npz"]  # no temporary file left behind
 
 
+def test_checkpoints_get_the_permissions_of_an_ordinary_file(data, tmp_path):
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path / "run.npz", Solver(_model(), data, verbose=False))
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o640  # 0666 less the umask, as open() would make it (not 0600)
+
+
 def test_checkpoint_name_writes_one_file_per_epoch(data, tmp_path):
     Solver(_model(), data, batch_size=100, num_epochs=2, checkpoint_name=str(tmp_path / "ck"), verbose=False).train()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck_epoch_1.npz", "ck_epoch_2.npz"]
