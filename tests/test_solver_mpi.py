@@ -109,7 +109,8 @@ def test_n_processes_compute_what_one_process_computes(mpi_results, case):
 def test_sharded_checkpoints_hold_the_whole_state_and_resume_exactly(run_mpi, tmp_path):
     """3 processes with shard_optimizer write checkpoints holding the whole optimizer state (gathered on rank 0), a
     sharded resume from epoch 2 ends where the uninterrupted run ends, bit for bit, and one process resuming the
-    same checkpoint without sharding gets the same parameters (to rounding: its allreduce-free sums differ)."""
+    same checkpoint without sharding, or 2 processes sharding it into other blocks, get the same parameters (to
+    rounding: their sums are ordered differently)."""
     from dpnet.checkpoint import load_checkpoint, restore_checkpoint
     from dpnet.solver import Solver
 
@@ -130,6 +131,12 @@ def test_sharded_checkpoints_hold_the_whole_state_and_resume_exactly(run_mpi, tm
     serial.use_params("final")
     for name, value in serial.model.params.items():
         assert _relative_difference(value, final[f"full/{name}"]) <= 1e-10, name
+    # 2 processes, sharded into other blocks, resume what 3 wrote
+    result = run_mpi(2, "solver_sharded_checkpoint.py", tmp_path, "resume", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with np.load(tmp_path / "resumed_2.npz") as two:
+        for name, value in serial.model.params.items():
+            assert _relative_difference(two[name], value) <= 1e-10, name
 
 
 def test_a_rule_that_is_not_elementwise_is_refused_for_sharding():
