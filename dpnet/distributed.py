@@ -408,7 +408,8 @@ class FusedBuffer:
     collective moves them all: allocated once, then reused every step.
 
     Build it from a dict of arrays (name -> ndarray; the buffer has their common dtype). `views[name]` is a view of the
-    buffer shaped like arrays[name]; `extra` is the view of the trailing slots and `body` of everything before them;
+    buffer shaped like arrays[name], starting at `offsets[name]`; `extra` is the view of the trailing slots and `body` of
+everything before them;
     `pack(arrays, scale)` writes scale * arrays into the buffer (the only copy), unless the arrays already are the
     views (a model that wrote its gradients into them), which are then scaled in place; after a collective on `buffer`
     the views hold the results.
@@ -419,9 +420,10 @@ class FusedBuffer:
         self.shapes = {name: np.shape(arrays[name]) for name in names}
         sizes = [int(np.prod(shape)) for shape in self.shapes.values()]
         self.buffer = np.empty(sum(sizes) + extra, dtype=np.result_type(*(arrays[name].dtype for name in names)))
-        self.views, offset = {}, 0
+        self.views, self.offsets, offset = {}, {}, 0
         for name, size in zip(names, sizes):
             self.views[name] = self.buffer[offset:offset + size].reshape(self.shapes[name])
+            self.offsets[name] = offset
             offset += size
         self.body, self.extra = self.buffer[:offset], self.buffer[offset:]
 

@@ -18,6 +18,8 @@ process's segment of it (possibly empty), so scalar state such as Adam's step co
 
 import numpy as np
 
+from .distributed import FusedBuffer
+
 
 class ShardError(ValueError):
     """An update rule or a model that cannot be sharded."""
@@ -39,10 +41,10 @@ def check_shardable(rule, name):
 class ShardedState:
     """The flat layout of a model's parameters over the processes of `comm`, and the collectives of a sharded step.
 
-    Parameters are laid out by sorted name. `params` is the flat parameter vector; bind() makes the model's parameter
-    arrays views of it. `grads` maps names to views of the flat gradient vector, for the model to write into.
-    `segments[name]` is (start, stop) of this process's part of that parameter, in the parameter's flattened order
-    (start == stop when it has none).
+    Parameters are laid out by sorted name (a dpnet.distributed.FusedBuffer), padded to equal blocks. `params` is the
+    flat parameter vector; bind() makes the model's parameter arrays views of it. `grads` maps names to views of the
+    flat gradient vector, for the model to write into. `segments[name]` is (start, stop) of this process's part of
+    that parameter, in the parameter's flattened order (start == stop when it has none).
     """
 
     def __init__(self, comm, model_params):
@@ -54,38 +56,42 @@ class ShardedState:
             raise ShardError(f"sharding needs parameters of one dtype (they become views of one vector), got "
                              f"{sorted(d.name for d in dtypes)}")
         self.dtype = dtypes.pop()
-        sizes = [int(np.prod(self.shapes[name])) for name in self.names]
-        self.offsets = dict(zip(self.names, np.cumsum([0, *sizes[:-1]]).tolist()))
-        self.size = sum(sizes)
+        self.size = sum(int(np.prod(shape)) for shape in self.shapes.values())
         block = -(-self.size // comm.size)  # the last block ends with padding that no parameter uses
+        self._padding = block * comm.size - self.size
         self.counts = [block] * comm.size
         self.lo = block * comm.rank
         self.hi = self.lo + block
+        self._grad = self._new_vector(model_params)
+        self.grads = self._grad.views
+        self.offsets = self._grad.offsets
         self.segments = {}
-        for name, size in zip(self.names, sizes):
+        for name, shape in self.shapes.items():
+            size = int(np.prod(shape))
             start = min(max(self.lo - self.offsets[name], 0), size)
             self.segments[name] = (start, max(start, min(self.hi - self.offsets[name], size)))
-        self.params = None
-        self._grad_flat = np.zeros(block * comm.size, dtype=self.dtype)
-        self.grads = self._views(self._grad_flat)
-        self.grad_block = np.empty(self.counts[comm.rank], dtype=self.dtype)
+        self._params = None
+        self.grad_block = np.empty(block, dtype=self.dtype)
 
-    def _views(self, flat):
-        return {name: flat[self.offsets[name]:self.offsets[name] + int(np.prod(shape))].reshape(shape)
-                for name, shape in self.shapes.items()}
+    def _new_vector(self, model_params):
+        vector = FusedBuffer(model_params, extra=self._padding)
+        vector.extra[...] = 0  # the padding is summed and gathered but feeds nothing: zeros keep the norm true
+        return vector
+
+    @property
+    def params(self):
+        """The flat parameter vector (None before bind and after release_params)."""
+        return None if self._params is None else self._params.buffer
 
     def matches(self, model_params):
-        return (sorted(model_params) == self.names
-                and all(model_params[name].shape == shape for name, shape in self.shapes.items())
-                and np.result_type(*(w.dtype for w in model_params.values())) == self.dtype)
+        return self._grad.matches(model_params)
 
     def bind(self, model_params):
         """Make model_params' arrays views of the flat parameter vector, copying in any array that is not one (a new
         model, use_params, a restored checkpoint). Arrays held elsewhere are copied, never changed."""
-        if self.params is None:
-            self.params = np.zeros(sum(self.counts), dtype=self.dtype)
-            self._param_views = self._views(self.params)
-        for name, view in self._param_views.items():
+        if self._params is None:
+            self._params = self._new_vector(model_params)
+        for name, view in self._params.views.items():
             if model_params[name] is not view:
                 view[...] = model_params[name]
                 model_params[name] = view
@@ -93,17 +99,13 @@ class ShardedState:
     def release_params(self):
         """Hand the flat parameter vector over to whoever holds the model's arrays now (final_params): the next
         bind() lays out a new one."""
-        self.params = None
+        self._params = None
 
     def reduce(self, loss, weight, local_grads):
         """Sum weight * local gradients over the processes into this process's block; return (summed loss, norm of
         the summed gradient). local_grads are copied into the gradient vector unless they are its views already."""
-        for name, view in self.grads.items():
-            if local_grads[name] is not view:
-                np.multiply(local_grads[name], weight, out=view)
-            elif weight != 1:
-                view *= weight
-        self.comm.reduce_scatter(self._grad_flat, self.grad_block, self.counts)
+        flat = self._grad.pack(local_grads, weight)
+        self.comm.reduce_scatter(flat, self.grad_block, self.counts)
         scalars = np.array([loss * weight, float(np.vdot(self.grad_block, self.grad_block))], dtype=np.float64)
         self.comm.allreduce(scalars)
         return scalars[0], float(np.sqrt(scalars[1]))
@@ -111,20 +113,22 @@ class ShardedState:
     def gather_grads(self):
         """Collective: the whole summed gradient, as views by name (of the gradient vector, which the next step
         overwrites)."""
-        self._grad_flat[self.lo:self.hi] = self.grad_block
-        self.comm.allgather(self._grad_flat, self.counts)
+        flat = self._grad.buffer
+        flat[self.lo:self.hi] = self.grad_block
+        self.comm.allgather(flat, self.counts)
         return dict(self.grads)
 
     def update(self, apply):
         """apply(name, w_segment, dw_segment) for every parameter, in name order: flat views of this process's part
         of the parameter and of its summed gradient (empty when it has none); then the allgather of the parameters."""
+        params = self.params
         for name in self.names:
             start, stop = self.segments[name]
             first = self.offsets[name]
-            w = self.params[first + start:first + stop]
+            w = params[first + start:first + stop]
             dw = self.grad_block[first + start - self.lo:first + stop - self.lo] if stop > start else w[:0]
             apply(name, w, dw)
-        self.comm.allgather(self.params, self.counts)
+        self.comm.allgather(params, self.counts)
 
     # ------------------------------------------------------------------------------------ state of the update rule
     def shard_config(self, name, config):

@@ -462,12 +462,12 @@ class Solver:
         self.comm.bcast(held)
         if not held[0]:
             raise RuntimeError("use_params('best'): there are no best parameters yet (train() first)")
-        best = {**{f"param/{k}": v for k, v in self.best_params.items()},
-                **{f"norm/{k}": v for k, v in self.best_norm_state.items()}}
-        out = {}
-        for key in sorted(state):
-            out[key] = np.array(best[key], copy=True) if self.comm.rank == 0 else np.empty_like(state[key])
-            self.comm.bcast(out[key])
+        fused = FusedBuffer(state)  # laid out from this rank's arrays: the same names and shapes on every rank
+        if self.comm.rank == 0:
+            fused.pack({**{f"param/{k}": v for k, v in self.best_params.items()},
+                        **{f"norm/{k}": v for k, v in self.best_norm_state.items()}})
+        self.comm.bcast(fused.buffer)
+        out = {key: view.astype(state[key].dtype, copy=False) for key, view in fused.views.items()}
         return ({k[len("param/"):]: v for k, v in out.items() if k.startswith("param/")},
                 {k[len("norm/"):]: v for k, v in out.items() if k.startswith("norm/")})
 
