@@ -16,17 +16,19 @@ what is compared is interleaved, so that whatever else the machine does slows bo
   process would spin against each other), alternating in ABBA rounds. PyTorch is optional: without it the rows say
   how to get it. Target: dpnet ahead (aim for 1.3x).
 - distributed: the Solver (float32, --distributed-rule, default sgd) as 1 process x T BLAS threads against P MPI
-  processes x T/P threads, with the optimizer state replicated and sharded, alternating in forward and reversed
-  order round by round; inside each
-  process the parameter-sized collectives (the fused gradient's Allreduce; sharded, the gradient's reduce-scatter and
-  the parameters' allgather) are timed where they happen (a rank waiting for a slower one counts as communication),
-  their share of the step is that of the worst rank. Also the fused in-place Allreduce (packing included) against
+  processes x T/P threads, with the optimizer state replicated, sharded with the parameters in shared memory (the
+  default on one machine) and sharded with a copy of the parameters per process, alternating in forward and
+  reversed order round by round; inside each process the communication (the fused gradient's Allreduce; sharded,
+  the gradient's reduce-scatter and the parameters' allgather, or the shared memory's barriers) is timed where it
+  happens (a rank waiting for a slower one counts as communication), its share of the step is that of the worst
+  rank. Also the fused in-place Allreduce (packing included) against
   one pickled allreduce per gradient array, interleaved. Target: communication <= 10% of the step at 2 processes.
 - memory: peak RSS and peak PSS (proportional set size, /proc/<pid>/smaps_rollup: shared pages, such as the
   memory-mapped CIFAR-10 cache in the page cache, divided among the processes mapping them; RSS counts them in every
   process) of 1 and of 4 processes (mpiexec) training the command line's default model and recipe
-  (dpnet.config.DEFAULTS: optimizer state sharded) on the full CIFAR-10 for one short epoch of a few dozen steps (its
-  end included: evaluation, replica check, state gathered for checkpoints), and of 4 processes again with the state
+  (dpnet.config.DEFAULTS: optimizer state sharded, parameters in shared memory) on the full CIFAR-10 for one short
+  epoch of a few dozen steps (its end included: evaluation, replica check, state gathered for checkpoints, and the
+  end of training), and of 4 processes again with a copy of the parameters per process, and with the state
   replicated; and what each process beyond the first adds. Target: 4 processes <= 1.5 x one process.
 
 With --json PATH everything (per-step times included, and the environment: versions, BLAS, git commit, load
@@ -35,6 +37,7 @@ printed before and after.
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -279,10 +282,11 @@ def section_torch(args):
 
 # ----------------------------------------------------------------------------------------------- 3. 1 process vs P
 def worker_distributed(spec):
-    """Inside each process of a job: train with the Solver, timing every step and its parameter-sized collectives
-    (the fused gradient's Allreduce; with spec["shard_optimizer"] the gradient's reduce-scatter and the parameters'
-    allgather)."""
+    """Inside each process of a job: train with the Solver, timing every step and its communication (the fused
+    gradient's Allreduce; with spec["shard_optimizer"] the gradient's reduce-scatter and the parameters' allgather, or
+    the barriers of the shared parameter memory)."""
     from .classifiers.fc_net import FullyConnectedNet
+    from . import sharding, solver as solver_module
     from .distributed import get_communicator, set_blas_threads
     from .solver import Solver
 
@@ -315,11 +319,33 @@ def worker_distributed(spec):
         def allgather(self, buf, counts):
             return timed_collective(comm.allgather, buf, counts)
 
+        def shared_array(self, size, dtype, each=False):
+            shared = comm.shared_array(size, dtype, each=each)
+            if shared is not None:
+                shared.sync = functools.partial(count_as_communication, shared.sync)
+            return shared
+
+    def count_as_communication(call, *args):
+        start = time.perf_counter()
+        result = call(*args)
+        in_step[0] += time.perf_counter() - start
+        return result
+
+    class TimedShardedState(sharding.ShardedState):
+        """Sharded, with the gradients summed in shared memory: that sum counts as communication (it replaces the
+        reduce-scatter)."""
+
+        def _sum_shared_block(self):
+            count_as_communication(super()._sum_shared_block)
+
     class TimedSolver(Solver):
+        shared_params_were_used = False
+
         def _step(self):
             in_step[0] = 0.0
             start = time.perf_counter()
             result = super()._step()
+            self.shared_params_were_used |= self._shards is not None and self._shards.shared
             step_times.append(time.perf_counter() - start)
             comm_times.append(in_step[0])
             return result
@@ -330,6 +356,7 @@ def worker_distributed(spec):
             solver_allreduce_times.append(time.perf_counter() - start)
             return result
 
+    solver_module.ShardedState = TimedShardedState  # this worker process only
     batch, dtype = spec["batch_size"], np.dtype(spec["dtype"])
     steps_per_epoch = 8
     rng = np.random.default_rng(0)
@@ -344,7 +371,8 @@ def worker_distributed(spec):
     solver = TimedSolver(model, data, update_rule=spec["rule"], optim_config={"learning_rate": 1e-4},
                          batch_size=batch, num_epochs=-(-total // steps_per_epoch), num_train_samples=batch, seed=0,
                          comm=TimedComm() if comm.size > 1 else comm, verbose=False,
-                         shard_optimizer=spec.get("shard_optimizer", False))
+                         shard_optimizer=spec.get("shard_optimizer", False),
+                         share_params=spec.get("share_params", True))
     solver.train()
     steps = np.array(step_times[spec["warmup"]:total])
     result = dict(rank=comm.rank, steps=steps.tolist())
@@ -353,6 +381,7 @@ def worker_distributed(spec):
     reduces = np.array(comm_times[spec["warmup"]:total])
     result.update(allreduce=reduces.tolist(), share=float(np.median(reduces / steps)))
     if spec.get("shard_optimizer"):
+        result.update(shared_params=bool(solver.shared_params_were_used))
         return comm.comm.gather(result, root=0)
     packed = np.array(solver_allreduce_times[spec["warmup"]:total])
     result.update(solver_allreduce=packed.tolist(), solver_share=float(np.median(packed / steps)))
@@ -392,7 +421,9 @@ def section_distributed(args):
     if mpiexec() is None or importlib.util.find_spec("mpi4py") is None:
         return dict(available=False, note=MPI_HINT)
     P, T = args.processes, args.threads
-    configs = {"serial": (1, T, False), "parallel": (P, max(1, T // P), False), "sharded": (P, max(1, T // P), True)}
+    t = max(1, T // P)  # name -> processes, threads, shard_optimizer, share_params
+    configs = {"serial": (1, T, False, True), "parallel": (P, t, False, True), "sharded": (P, t, True, True),
+               "unshared": (P, t, True, False)}
     from .classifiers.fc_net import FullyConnectedNet
 
     gradient_size = sum(p.size for p in FullyConnectedNet(args.hidden_dims, dtype=np.float32).params.values())
@@ -403,27 +434,30 @@ def section_distributed(args):
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
             for name in list(configs) if r % 2 == 0 else list(configs)[::-1]:  # ABBA
-                p, t, shard = configs[name]
+                p, t, shard, share = configs[name]
                 _progress(f"distributed section, round {r + 1}/{args.rounds}: {p} x {t} threads"
-                          f"{', optimizer state sharded' if shard else ''}")
-                runs[name].append(run_worker("distributed", dict(spec, threads=t, shard_optimizer=shard), folder,
-                                             threads=t, processes=p))
+                          f"{', optimizer state sharded' if shard else ''}"
+                          f"{', a copy of the parameters per process' if shard and not share else ''}")
+                runs[name].append(run_worker("distributed", dict(spec, threads=t, shard_optimizer=shard,
+                                                                 share_params=share), folder, threads=t, processes=p))
     serial = [t for run in runs["serial"] for t in run[0]["steps"]]
     parallel = [t for run in runs["parallel"] for t in run[0]["steps"]]
     first = runs["parallel"][0][0]
     collect = lambda key: [t for run in runs["parallel"] for t in run[0][key]]  # noqa: E731
     shares = [max(rank["share"] for rank in run) for run in runs["parallel"]]
-    sharded = [t for run in runs["sharded"] for t in run[0]["steps"]]
-    sharded_shares = [max(rank["share"] for rank in run) for run in runs["sharded"]]
+    sharded = {name: dict(
+        step_ms=median_ms([t for run in runs[name] for t in run[0]["steps"]]),
+        speedup=float(np.median(serial) / np.median([t for run in runs[name] for t in run[0]["steps"]])),
+        comm_share=float(np.median([max(rank["share"] for rank in run) for run in runs[name]])),
+        comm_ms=median_ms([t for run in runs[name] for rank in run for t in rank["allreduce"]]),
+        shared_params=all(rank["shared_params"] for run in runs[name] for rank in run)) for name in ("sharded", "unshared")}
     return dict(
         available=True, processes=P, threads=T, rule=args.distributed_rule, dtype="float32",
         serial_step_ms=median_ms(serial), parallel_step_ms=median_ms(parallel),
         serial_step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs["serial"]],
         parallel_step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs["parallel"]],
         speedup=float(np.median(serial) / np.median(parallel)),
-        sharded_step_ms=median_ms(sharded), sharded_speedup=float(np.median(serial) / np.median(sharded)),
-        sharded_comm_share=float(np.median(sharded_shares)),
-        sharded_comm_ms=median_ms([t for run in runs["sharded"] for rank in run for t in rank["allreduce"]]),
+        sharded=sharded["sharded"], sharded_unshared=sharded["unshared"],
         allreduce_share=float(np.median(shares)), allreduce_share_per_round=shares,
         solver_allreduce_share=float(np.median([max(rank["solver_share"] for rank in run)
                                                 for run in runs["parallel"]])),
@@ -478,7 +512,8 @@ def worker_memory(spec):
     solver = SampledSolver(build_model(config), data, update_rule=config["update_rule"],
                            optim_config={"learning_rate": config["lr"]}, batch_size=config["batch_size"],
                            num_epochs=1, num_train_samples=1000, num_val_samples=None, verbose=False, seed=0,
-                           comm=comm, weight_decay=config["weight_decay"], shard_optimizer=spec["shard_optimizer"])
+                           comm=comm, weight_decay=config["weight_decay"], shard_optimizer=spec["shard_optimizer"],
+                           share_params=spec.get("share_params", True))
     solver.train()
     comm.barrier()
     rss, pss, uss = memory_now()
@@ -502,17 +537,20 @@ def section_memory(args):
 
     hidden = args.memory_hidden_dims if args.memory_hidden_dims is not None else DEFAULTS["hidden_dims"]
     spec = dict(data_dir=args.data_dir and str(args.data_dir), hidden_dims=hidden, steps=args.memory_steps)
-    runs = [(str(p), p, DEFAULTS["shard_optimizer"]) for p in args.memory_processes]
-    if DEFAULTS["shard_optimizer"]:  # and the largest job once more with every process holding the whole state
-        p = max(args.memory_processes)
-        runs += [(f"{p}-replicated", p, False)] if p > 1 else []
+    runs = [(str(p), p, DEFAULTS["shard_optimizer"], True) for p in args.memory_processes]
+    p = max(args.memory_processes)
+    if DEFAULTS["shard_optimizer"] and p > 1:  # the largest job again, with a copy of the parameters per process,
+        runs += [(f"{p}-unshared", p, True, False), (f"{p}-replicated", p, False, True)]  # and with the whole state
     jobs = {}
     with tempfile.TemporaryDirectory() as folder:
-        for key, p, shard in runs:
+        for key, p, shard, share in runs:
             _progress(f"memory section: {p} process{'es' if p > 1 else ''}"
-                      f"{', optimizer state replicated' if p > 1 and not shard else ''}")
-            ranks = run_worker("memory", dict(spec, shard_optimizer=shard), folder, processes=p, mpi=True)
-            jobs[key] = dict(processes=p, shard_optimizer=shard and p > 1, ranks=ranks,
+                      f"{', optimizer state replicated' if p > 1 and not shard else ''}"
+                      f"{', a copy of the parameters per process' if p > 1 and shard and not share else ''}")
+            ranks = run_worker("memory", dict(spec, shard_optimizer=shard, share_params=share), folder, processes=p,
+                               mpi=True)
+            jobs[key] = dict(processes=p, shard_optimizer=shard and p > 1, share_params=share and shard and p > 1,
+                             ranks=ranks,
                              total_peak_rss_mb=sum(r["peak_rss_mb"] for r in ranks),
                              total_peak_pss_mb=sum(r["peak_pss_mb"] for r in ranks),
                              total_pss_mb=sum(r["pss_mb"] or 0.0 for r in ranks))
@@ -627,12 +665,14 @@ def table_rows(results, args):
                      f"{dist['allreduce_ms']:.2f} ms of the step",
                      f"Solver._allreduce {100 * dist['solver_allreduce_share']:.1f}%",
                      f"{100 * dist['allreduce_share']:.1f}%", "<= 10%"))
-        rows.append(("1 vs P processes", f"step, {label}, optimizer state sharded",
-                     f"{dist['sharded_step_ms']:.2f} ms", f"{dist['serial_step_ms']:.2f} ms",
-                     f"{dist['sharded_speedup']:.2f}x", ""))
-        rows.append(("1 vs P processes", f"reduce-scatter + allgather share, {P} processes, sharded",
-                     f"{dist['sharded_comm_ms']:.2f} ms of the step", "",
-                     f"{100 * dist['sharded_comm_share']:.1f}%", "<= 10%"))
+        for key in ("sharded", "sharded_unshared"):
+            case = dist[key]
+            how = "parameters in shared memory" if case["shared_params"] else "a copy of the parameters each"
+            rows.append(("1 vs P processes", f"step, {label}, state sharded, {how}",
+                         f"{case['step_ms']:.2f} ms", f"{dist['serial_step_ms']:.2f} ms", f"{case['speedup']:.2f}x", ""))
+            what = "reduce-scatter + barriers" if case["shared_params"] else "reduce-scatter + allgather"
+            rows.append(("1 vs P processes", f"{what} share, {P} processes",
+                         f"{case['comm_ms']:.2f} ms of the step", "", f"{100 * case['comm_share']:.1f}%", "<= 10%"))
         rows.append(("1 vs P processes", f"fused vs pickled ({dist['gradient_megabytes']:.1f} MB)",
                      f"{dist['fused_ms']:.2f} ms (call alone {dist['reduce_only_ms']:.2f})",
                      f"pickled {dist['pickled_ms']:.2f} ms", f"{dist['fused_speedup']:.1f}x", ""))
@@ -643,7 +683,8 @@ def table_rows(results, args):
         for job in mem["jobs"].values():
             p = job["processes"]
             private = np.mean([r["uss_mb"] or 0.0 for r in job["ranks"]])
-            how = "" if p == 1 else ", state sharded" if job.get("shard_optimizer") else ", state replicated"
+            how = ("" if p == 1 else ", state replicated" if not job.get("shard_optimizer")
+                   else ", state sharded, shared parameters" if job.get("share_params") else ", state sharded")
             rows.append(("memory (CIFAR-10)", f"{p} process{'es' if p > 1 else ''}{how}, peak PSS (sum)",
                          f"{job['total_peak_pss_mb']:.0f} MB ({private:.0f} MB private each)",
                          f"peak RSS (sum) {job['total_peak_rss_mb']:.0f} MB",

@@ -2,8 +2,9 @@
 
 A communicator has `rank`, `size`, `is_root`, `allreduce(buf, op="sum")` and `bcast(buf, root=0)` (both in place on a
 contiguous NumPy array, returning it), the block collectives `reduce_scatter`, `allgather` and `gather` (1-D buffers cut
-into one block per process, see `block_counts`), `barrier()`, `abort(code=1)` and `local_size()` (processes on this
-machine).
+into one block per process, see `block_counts`), `barrier()`, `abort(code=1)`, `local_size()` (processes on this
+machine) and `shared_array(size, dtype)` (one array in memory that all processes map, when they are on one machine:
+`NodeSharedArray`; None otherwise).
 `SerialCommunicator` is the single process (size 1, never imports mpi4py); `MPICommunicator` wraps mpi4py's buffer
 calls (`Allreduce(MPI.IN_PLACE, ...)`, `Bcast`), so no object is ever pickled. `get_communicator()` picks the MPI world
 when an MPI launcher started more than one process, else the serial one. `FusedBuffer` lays several arrays (the
@@ -116,6 +117,10 @@ class SerialCommunicator:
     def local_size(self):
         return 1
 
+    def shared_array(self, size, dtype, each=False):
+        """None: one process has nobody to share memory with (see MPICommunicator.shared_array)."""
+        return None
+
     def abort(self, code=1):
         """End the process now with exit code `code` (no cleanup; standard streams are flushed)."""
         _flush_std_streams()
@@ -199,6 +204,21 @@ class MPICommunicator:
             self._local_size = node.Get_size()
             node.Free()
         return self._local_size
+
+    def shared_array(self, size, dtype, each=False):
+        """Collective: a NodeSharedArray of `size` elements of `dtype` that every process of this communicator maps
+        (with `each`, one such array per process), when they all run on one machine; None when they do not."""
+        MPI = self._MPI
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        if node.Get_size() != self.size:
+            node.Free()
+            return None
+        itemsize = np.dtype(dtype).itemsize
+        window = MPI.Win.Allocate_shared(size * itemsize if each or node.Get_rank() == 0 else 0, itemsize, comm=node)
+        window.Lock_all(MPI.MODE_NOCHECK)  # a passive-target epoch, for Win_sync (memory barriers); no lock is taken
+        arrays = [np.frombuffer(window.Shared_query(rank)[0], dtype=dtype, count=size)
+                  for rank in (range(self.size) if each else [0])]
+        return NodeSharedArray(arrays, self.rank if each else 0, window, node)
 
     def abort(self, code=1):
         """End every process of the job (MPI_COMM_WORLD) with exit code `code`; does not return."""
@@ -407,19 +427,26 @@ class FusedBuffer:
     """Several arrays laid out back to back in one contiguous buffer (plus `extra` scalar slots), so that one
     collective moves them all: allocated once, then reused every step.
 
-    Build it from a dict of arrays (name -> ndarray; the buffer has their common dtype). `views[name]` is a view of the
-    buffer shaped like arrays[name], starting at `offsets[name]`; `extra` is the view of the trailing slots and `body` of
-everything before them;
+    Build it from a dict of arrays (name -> ndarray; the buffer has their common dtype), in a new buffer or in the given
+    1-D `buffer` (of that dtype and size: say, a NodeSharedArray's). `views[name]` is a view of the buffer shaped like
+    arrays[name], starting at `offsets[name]`; `extra` is the view of the trailing slots and `body` of everything before
+    them;
     `pack(arrays, scale)` writes scale * arrays into the buffer (the only copy), unless the arrays already are the
     views (a model that wrote its gradients into them), which are then scaled in place; after a collective on `buffer`
     the views hold the results.
     """
 
-    def __init__(self, arrays, extra=0):
+    def __init__(self, arrays, extra=0, buffer=None):
         names = sorted(arrays)
         self.shapes = {name: np.shape(arrays[name]) for name in names}
         sizes = [int(np.prod(shape)) for shape in self.shapes.values()]
-        self.buffer = np.empty(sum(sizes) + extra, dtype=np.result_type(*(arrays[name].dtype for name in names)))
+        dtype = np.result_type(*(arrays[name].dtype for name in names))
+        if buffer is None:
+            buffer = np.empty(sum(sizes) + extra, dtype=dtype)
+        elif buffer.shape != (sum(sizes) + extra,) or buffer.dtype != dtype:
+            raise ValueError(f"buffer must be a 1-D {dtype} array of {sum(sizes) + extra} elements, got "
+                             f"{buffer.dtype} {buffer.shape}")
+        self.buffer = buffer
         self.views, self.offsets, offset = {}, {}, 0
         for name, size in zip(names, sizes):
             self.views[name] = self.buffer[offset:offset + size].reshape(self.shapes[name])
@@ -445,6 +472,41 @@ everything before them;
         for name, view in self.views.items():
             np.multiply(arrays[name], scale, out=view)
         return self.buffer
+
+
+class NodeSharedArray:
+    """A 1-D array in one piece of memory mapped by every process of a communicator on one machine (an MPI-3
+    shared-memory window, MPI_Win_allocate_shared): what the processes would otherwise each hold an identical copy of.
+
+    `array` is the NumPy view of it in this process. Made with `each`, every process has an array of its own, which the
+    others read as `of(rank)`. Writes by one process reach the others at the next `sync()`, which every process must
+    call (it is a barrier): write, sync, then read. `free()` (collective) releases the memory; views of the arrays
+    must not be used after it. Until then the memory lives as long as the job, whoever holds views.
+    """
+
+    def __init__(self, arrays, index, window, node):
+        self._arrays, self.array, self._window, self._node = arrays, arrays[index], window, node
+
+    def of(self, rank):
+        """Process `rank`'s array (made with `each`; else the one array)."""
+        return self._arrays[rank if len(self._arrays) > 1 else 0]
+
+    def sync(self):
+        """Collective: every process's writes so far become visible to every process."""
+        self._window.Sync()
+        self._node.Barrier()
+        self._window.Sync()
+
+    def free(self):
+        """Collective: release the shared memory (views of `array` become invalid)."""
+        if self._window is None:
+            return
+        self.sync()
+        self.array = self._arrays = None
+        self._window.Unlock_all()
+        self._window.Free()
+        self._node.Free()
+        self._window = self._node = None
 
 
 def check_in_sync(comm, flat_params, where=""):

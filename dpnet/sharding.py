@@ -9,6 +9,13 @@ Reduce_scatter_block and Allgather, are faster than their variable-block forms):
 2. each process applies the update rule to its block, so it keeps the rule's state for its block only;
 3. an allgather hands every process the whole updated vector, so the replicas are identical by construction.
 
+When all the processes run on one machine, shared memory replaces both collectives (dpnet.distributed.NodeSharedArray,
+MPI-3 shared windows). Each process's gradient vector is readable by the others, so each process sums its block from
+all of them itself (step 1, after a barrier); and the parameter vector is one piece of memory that every process maps
+and updates its block of in place, so a barrier replaces the allgather (step 3). The machine then holds one copy of
+the parameters instead of one per process, and no gradient or parameter is copied between processes. (Across
+machines, each process keeps its own vectors and the steps are MPI's collectives.)
+
 A reduce-scatter followed by an allgather moves what one allreduce moves (it is how MPI implements a large allreduce),
 while the state's memory and the update's time are divided by P. A rule qualifies when it is elementwise (an
 element's update depends on that element's values alone) and has an in-place variant: the built-in rules declare
@@ -41,14 +48,23 @@ def check_shardable(rule, name):
 class ShardedState:
     """The flat layout of a model's parameters over the processes of `comm`, and the collectives of a sharded step.
 
-    Parameters are laid out by sorted name (a dpnet.distributed.FusedBuffer), padded to equal blocks. `params` is the
-    flat parameter vector; bind() makes the model's parameter arrays views of it. `grads` maps names to views of the
-    flat gradient vector, for the model to write into. `segments[name]` is (start, stop) of this process's part of
-    that parameter, in the parameter's flattened order (start == stop when it has none).
+    Parameters are laid out by sorted name (a dpnet.distributed.FusedBuffer), padded to equal blocks; `offsets[name]`
+    is where a parameter starts. bind() (collective) lays out the flat parameter vector, `params`, and makes the
+    model's parameter arrays views of it, and the flat gradient vector, whose views by name, `grads`, the model writes
+    into. `segments[name]` is (start, stop) of this process's part of that parameter, in the parameter's flattened
+    order (start == stop when it has none).
+
+    With `share_params`, when every process runs on one machine (`comm.shared_array` gives memory: `shared` is then
+    True), both vectors are shared memory: one parameter vector for all processes, and one gradient vector per process
+    that the others read. The gradients are then summed where they lie (each process adds up its block of every
+    process's vector) instead of by MPI's reduce-scatter, which copies them through MPI's own buffers: 0.22-0.25 ms
+    against 0.55-0.62 ms for 7.4 MB over 2 processes here, and the weighting of each process's gradient costs no pass
+    of its own.
     """
 
-    def __init__(self, comm, model_params):
+    def __init__(self, comm, model_params, share_params=True):
         self.comm = comm
+        self.share_params = share_params
         self.names = sorted(model_params)
         self.shapes = {name: model_params[name].shape for name in self.names}
         dtypes = {np.dtype(model_params[name].dtype) for name in self.names}
@@ -56,71 +72,130 @@ class ShardedState:
             raise ShardError(f"sharding needs parameters of one dtype (they become views of one vector), got "
                              f"{sorted(d.name for d in dtypes)}")
         self.dtype = dtypes.pop()
-        self.size = sum(int(np.prod(shape)) for shape in self.shapes.values())
+        sizes = [int(np.prod(self.shapes[name])) for name in self.names]
+        self.size = sum(sizes)
         block = -(-self.size // comm.size)  # the last block ends with padding that no parameter uses
         self._padding = block * comm.size - self.size
         self.counts = [block] * comm.size
         self.lo = block * comm.rank
         self.hi = self.lo + block
-        self._grad = self._new_vector(model_params)
-        self.grads = self._grad.views
-        self.offsets = self._grad.offsets
+        self.offsets = dict(zip(self.names, np.cumsum([0, *sizes[:-1]]).tolist()))
         self.segments = {}
-        for name, shape in self.shapes.items():
-            size = int(np.prod(shape))
+        for name, size in zip(self.names, sizes):
             start = min(max(self.lo - self.offsets[name], 0), size)
             self.segments[name] = (start, max(start, min(self.hi - self.offsets[name], size)))
-        self._params = None
-        self.grad_block = np.empty(block, dtype=self.dtype)
+        self._params = self._grad = self._shared = self._shared_grads = self._scratch = None
+        self.grads = self.grad_block = None
 
-    def _new_vector(self, model_params):
-        vector = FusedBuffer(model_params, extra=self._padding)
-        vector.extra[...] = 0  # the padding is summed and gathered but feeds nothing: zeros keep the norm true
-        return vector
+    def _allocate(self, model_params):
+        """Collective: lay out the parameter and gradient vectors (in shared memory when the processes can share)."""
+        total = self.size + self._padding
+        get_shared = getattr(self.comm, "shared_array", None) if self.share_params else None
+        self._shared = get_shared(total, self.dtype) if get_shared is not None else None
+        if self._shared is not None:  # the gradients too; each vector ends with its process's weight (see reduce)
+            self._shared_grads = get_shared(total + 1, self.dtype, each=True)
+        self._params = FusedBuffer(model_params, extra=self._padding, buffer=self._shared and self._shared.array)
+        weight_slot = 1 if self._shared_grads is not None else 0
+        self._grad = FusedBuffer(model_params, extra=self._padding + weight_slot,
+                                 buffer=self._shared_grads and self._shared_grads.array)
+        if self._writes_shared_params():
+            self._params.extra[...] = 0  # the padding is summed and gathered but feeds nothing: zeros keep norms true
+        self._grad.extra[...] = 0
+        self.grads = self._grad.views
+        self.grad_block = np.empty(self.hi - self.lo, dtype=self.dtype)
 
     @property
     def params(self):
         """The flat parameter vector (None before bind and after release_params)."""
         return None if self._params is None else self._params.buffer
 
+    @property
+    def shared(self):
+        """Whether the vectors are memory shared by the processes (bound, one machine, share_params)."""
+        return self._shared is not None
+
     def matches(self, model_params):
-        return self._grad.matches(model_params)
+        """Whether model_params has the names, shapes and dtype this layout was made for."""
+        return (sorted(model_params) == self.names
+                and all(np.shape(model_params[name]) == shape for name, shape in self.shapes.items())
+                and all(np.dtype(model_params[name].dtype) == self.dtype for name in self.names))
 
     def bind(self, model_params):
-        """Make model_params' arrays views of the flat parameter vector, copying in any array that is not one (a new
-        model, use_params, a restored checkpoint). Arrays held elsewhere are copied, never changed."""
+        """Collective: make model_params' arrays views of the flat parameter vector, copying in any array that is not
+        one (a new model, use_params, a restored checkpoint; into shared memory, rank 0's copy). Arrays held elsewhere
+        are copied, never changed."""
         if self._params is None:
-            self._params = self._new_vector(model_params)
+            self._allocate(model_params)
         for name, view in self._params.views.items():
             if model_params[name] is not view:
-                view[...] = model_params[name]
+                if self._writes_shared_params():
+                    view[...] = model_params[name]
                 model_params[name] = view
+        if self._shared is not None:
+            self._shared.sync()  # always, so that a process that copied nothing cannot read ahead of one that did
 
-    def release_params(self):
-        """Hand the flat parameter vector over to whoever holds the model's arrays now (final_params): the next
-        bind() lays out a new one."""
-        self._params = None
+    def _writes_shared_params(self):
+        return self._shared is None or self.comm.rank == 0
+
+    def release_params(self, model_params):
+        """Collective: hand the parameters over to the model for good, and drop the vectors (the next bind() lays them
+        out anew). Returns model_params' arrays: the views of the flat vector, or, when it is shared memory, copies
+        that replace the views in model_params (the shared memory is freed: views kept elsewhere become invalid)."""
+        if self._shared is not None:
+            for name, view in self._params.views.items():
+                if model_params[name] is view:
+                    model_params[name] = view.copy()
+            self._shared.free()
+            self._shared_grads.free()
+            self._shared = self._shared_grads = None
+        self._params = self._grad = self.grads = self.grad_block = self._scratch = None
+        return dict(model_params)
 
     def reduce(self, loss, weight, local_grads):
         """Sum weight * local gradients over the processes into this process's block; return (summed loss, norm of
         the summed gradient). local_grads are copied into the gradient vector unless they are its views already."""
-        flat = self._grad.pack(local_grads, weight)
-        self.comm.reduce_scatter(flat, self.grad_block, self.counts)
+        if self._shared is None:
+            self.comm.reduce_scatter(self._grad.pack(local_grads, weight), self.grad_block, self.counts)
+        else:
+            self._grad.pack(local_grads)
+            self._grad.extra[-1] = weight
+            self._shared_grads.sync()
+            self._sum_shared_block()
         scalars = np.array([loss * weight, float(np.vdot(self.grad_block, self.grad_block))], dtype=np.float64)
         self.comm.allreduce(scalars)
         return scalars[0], float(np.sqrt(scalars[1]))
 
+    def _sum_shared_block(self):
+        """grad_block <- the sum over processes of weight * gradient, this process's block of it, read from every
+        process's shared gradient vector (their last slot is the weight). No process writes its gradient vector again
+        before every process has passed the barrier that ends update()."""
+        vectors = [self._shared_grads.of(rank) for rank in range(self.comm.size)]
+        blocks = [vector[self.lo:self.hi] for vector in vectors]
+        weights = [vector[-1] for vector in vectors]
+        out = self.grad_block
+        if all(w == weights[0] for w in weights):  # equal shards: add, then scale the block once
+            np.add(blocks[0], blocks[1], out=out)
+            for block in blocks[2:]:
+                out += block
+            out *= weights[0]
+            return
+        if self._scratch is None:
+            self._scratch = np.empty_like(out)
+        np.multiply(blocks[0], weights[0], out=out)
+        for block, w in zip(blocks[1:], weights[1:]):
+            out += np.multiply(block, w, out=self._scratch)
+
     def gather_grads(self):
-        """Collective: the whole summed gradient, as views by name (of the gradient vector, which the next step
-        overwrites)."""
-        flat = self._grad.buffer
-        flat[self.lo:self.hi] = self.grad_block
-        self.comm.allgather(flat, self.counts)
-        return dict(self.grads)
+        """Collective: on rank 0, the whole summed gradient, as views by name (of rank 0's gradient vector, which the
+        next step overwrites); None elsewhere."""
+        flat = self._grad.buffer[:self.size + self._padding]
+        self.comm.gather(self.grad_block, flat if self.comm.rank == 0 else None, self.counts)
+        return dict(self.grads) if self.comm.rank == 0 else None
 
     def update(self, apply):
         """apply(name, w_segment, dw_segment) for every parameter, in name order: flat views of this process's part
-        of the parameter and of its summed gradient (empty when it has none); then the allgather of the parameters."""
+        of the parameter and of its summed gradient (empty when it has none); then the allgather of the parameters
+        (with shared memory, a barrier: every process updated its block of the one vector in place)."""
         params = self.params
         for name in self.names:
             start, stop = self.segments[name]
@@ -128,7 +203,10 @@ class ShardedState:
             w = params[first + start:first + stop]
             dw = self.grad_block[first + start - self.lo:first + stop - self.lo] if stop > start else w[:0]
             apply(name, w, dw)
-        self.comm.allgather(params, self.counts)
+        if self._shared is not None:
+            self._shared.sync()
+        else:
+            self.comm.allgather(params, self.counts)
 
     # ------------------------------------------------------------------------------------ state of the update rule
     def shard_config(self, name, config):

@@ -3,7 +3,8 @@
 Each step, every process draws the same global minibatch indices from the shared seed, takes its own shard, computes
 the gradient of its shard's mean loss, scales it by n_r / N, and all processes sum the scaled gradients (and the loss)
 in one fused in-place allreduce; then every process applies the update rule to its replica (with shard_optimizer,
-a reduce-scatter, each process updating its block of the parameters, and an allgather: dpnet.sharding). A single
+a reduce-scatter, each process updating its block of the parameters, and an allgather, or on one machine a barrier,
+the parameters being shared memory: dpnet.sharding). A single
 process is the communicator of size 1: the same code, with the reduction skipped. The gradients are views of one
 buffer, which the next step overwrites: an update rule must not keep a reference to its `dw` (copy it if it needs it
 later; the built-in rules keep only arrays they compute). At the end of each epoch the
@@ -30,7 +31,7 @@ from .sharding import ShardedState, check_shardable
 _DEFAULTS = dict(update_rule="sgd", optim_config=None, lr_decay=1.0, batch_size=100, num_epochs=10,
                  num_train_samples=1000, num_val_samples=None, checkpoint_name=None, print_every=10, verbose=True,
                  seed=None, comm=None, monitors=(), sync_batchnorm=True, augment=None, lr_schedule=None,
-                 weight_decay=0.0, shard_optimizer=False)
+                 weight_decay=0.0, shard_optimizer=False, share_params=True)
 
 
 class Solver:
@@ -66,6 +67,11 @@ class Solver:
       info['grads'] is then None but at the last iteration of each epoch, where the whole gradient is gathered
       (info['grad_norm'] is always the whole gradient's norm); the optimizer state is gathered for checkpoints at
       epoch ends (see optimizer_state)
+    - share_params: with shard_optimizer, processes that all run on one machine keep the parameters and gradients in
+      shared memory (default True; dpnet.sharding): one copy of the parameters per machine instead of one per process,
+      and the gradients summed where they lie instead of copied through MPI. During train() the model's arrays are
+      then the same memory on every process (change them on none) and monitors must copy what they keep: train()
+      frees that memory at its end and leaves each process parameter arrays of its own
     """
 
     def __init__(self, model, data, **kwargs):
@@ -98,6 +104,7 @@ class Solver:
         self.lr_schedule = options["lr_schedule"]
         self.weight_decay = float(options["weight_decay"])
         self.shard_optimizer = bool(options["shard_optimizer"])
+        self.share_params = bool(options["share_params"])
         self._check_recipe()
 
         self.seed = self._shared_seed(options["seed"])
@@ -246,7 +253,9 @@ class Solver:
         fault_injection_point(self.comm, self.iteration)
         if self.shard_optimizer and self.comm.size > 1:
             if self._shards is None or not self._shards.matches(self.model.params):
-                self._shards = ShardedState(self.comm, self.model.params)
+                if self._shards is not None:
+                    self._shards.release_params(self.model.params)
+                self._shards = ShardedState(self.comm, self.model.params, share_params=self.share_params)
             self._shards.bind(self.model.params)
         if self.lr_schedule is not None:
             rate = self.optim_config["learning_rate"] * self.lr_schedule(self.iteration)
@@ -418,10 +427,9 @@ class Solver:
                       f"val_acc: {self.val_acc_history[-1]:f}")
         # The last parameters themselves become final_params (the model gets copies of the best ones next): no
         # parameter-sized copy. Disowned, so that further training never updates them in place.
-        self.final_params = dict(self.model.params)
+        self.final_params = (dict(self.model.params) if self._shards is None
+                             else self._shards.release_params(self.model.params))
         self._owned.clear()
-        if self._shards is not None:
-            self._shards.release_params()
         self.final_norm_state = {name: value.copy() for name, value in self._norm_state().items()}
         self.use_params("best")
         self._notify("on_train_end", self, dict(iteration=self.iteration, epoch=self.epoch,

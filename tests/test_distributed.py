@@ -162,7 +162,7 @@ def test_launcher_and_mpi_disagreeing_is_an_error(mpiexec, run_python):
 @pytest.mark.parametrize("n", [2, 3])
 def test_collectives(n, run_mpi):
     """allreduce sum/max/min in place (float32, float64, int64), bcast, reduce_scatter / allgather / gather with equal
-    and unequal blocks, errors, reducer, check_in_sync."""
+    and unequal blocks, errors, shared memory (one array, one per process), reducer, check_in_sync."""
     result = run_mpi(n, "collectives.py")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == f"ok {n} ranks\n"

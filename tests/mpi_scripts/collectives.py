@@ -65,6 +65,29 @@ for call in (lambda: comm.reduce_scatter(np.zeros(5), np.zeros(1), [1] * n),  # 
 serial = SerialCommunicator()
 recv = np.zeros(3)
 assert (serial.reduce_scatter(np.arange(3.0), recv, [3]) == [0, 1, 2]).all()
+assert serial.shared_array(4, np.float32) is None
+
+# Shared memory (every rank of these jobs runs on this machine): one array mapped by all, or one per process that all
+# can read; a write is seen by every rank after sync().
+one = comm.shared_array(7, np.float64)
+assert one.array.shape == (7,) and one.array.dtype == np.float64 and one.of(n - 1) is one.array
+if r == 0:
+    one.array[...] = np.arange(7)
+one.sync()
+assert (one.array == np.arange(7)).all(), one.array
+one.sync()  # everyone has read before anyone writes again
+one.array[r] = -r  # each rank its own element: all of them are seen by all
+one.sync()
+assert (one.array[:n] == -np.arange(n)).all() and (one.array[n:] == np.arange(n, 7)).all(), one.array
+each = comm.shared_array(3, np.float32, each=True)
+each.array[...] = r
+each.sync()
+assert all((each.of(q) == q).all() for q in range(n))
+assert not np.shares_memory(each.of(0), each.of(n - 1))
+one.free()
+each.free()
+assert one.array is None
+one.free()  # a second free does nothing
 
 local = np.array([r + 1.0, 1.0], dtype=np.float32)
 total = make_reducer(comm)(local)

@@ -28,6 +28,9 @@ CASES["lazy-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd
 CASES["sharded-plain-sgd_momentum"] = dict(normalization=None, rule="sgd_momentum", shard=True)
 CASES["sharded-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", shard=True)
 CASES["sharded-layernorm-adam-decay"] = dict(normalization="layernorm", rule="adam", shard=True, weight_decay=0.5)
+# The processes run on one machine: the sharded cases share one parameter vector, but for this one (allgather).
+CASES["sharded-unshared-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd_momentum", shard=True,
+                                                        share_params=False)
 # Adam's epsilon is raised from 1e-8 so that it does not blow the rounding noise of zero-gradient parameters (the biases
 # feeding batchnorm) up to 1e-11-sized values that then shift the running means by 1e-10 relative in every run.
 OPTIM_CONFIGS = {"sgd_momentum": {"learning_rate": 0.05}, "adam": {"learning_rate": 2e-3, "epsilon": 1e-6}}
@@ -59,6 +62,7 @@ class _LastParams:
         self.grad_norm = info["grad_norm"]
 
     def on_epoch_end(self, solver, info):
+        self.shared = solver._shards is not None and solver._shards.shared
         self.params = {name: value.copy() for name, value in solver.model.params.items()}
         self.state = {f"{name}/{key}": value.copy() for name, config in solver.optimizer_state().items()
                       for key, value in config.items() if isinstance(value, np.ndarray)}
@@ -76,7 +80,8 @@ def run(case, comm):
                     optim_config=OPTIM_CONFIGS[options["rule"]], lr_decay=0.9,
                     batch_size=BATCH, num_epochs=EPOCHS, num_train_samples=120, seed=3, comm=comm, verbose=False,
                     monitors=[last], sync_batchnorm=options.get("sync_batchnorm", True),
-                    shard_optimizer=options.get("shard", False), weight_decay=options.get("weight_decay", 0.0))
+                    shard_optimizer=options.get("shard", False), weight_decay=options.get("weight_decay", 0.0),
+                    share_params=options.get("share_params", True))
     solver.train()
     out = {f"last/{name}": value for name, value in getattr(last, "params", {}).items()}
     out.update({f"state/{key}": value for key, value in getattr(last, "state", {}).items()})
@@ -86,6 +91,10 @@ def run(case, comm):
     for i, param in enumerate(model.bn_params):
         out.update({f"norm{i}/{key}": param[key] for key in ("running_mean", "running_var") if key in param})
     out["sharded"] = np.array(solver._shards is not None)
+    # train() hands back arrays of the process's own (the shared memory is freed): the last ones are final_params
+    out["final_is_last"] = np.array(all(np.array_equal(solver.final_params[name], value)
+                                        for name, value in getattr(last, "params", {}).items()))
+    out["shared_params"] = np.array(getattr(last, "shared", False))
     holding = np.array([len(solver.best_params) > 0], dtype=np.int64)
     out["ranks_holding_best"] = comm.allreduce(holding)
     out["local_state_size"] = np.array(sum(value.size for config in solver.optim_configs.values()
