@@ -167,8 +167,9 @@ def test_unsynchronized_batchnorm_keeps_replicas_identical(mpi_results):
 
 
 @pytest.mark.timeout(60)
-def test_an_error_on_one_rank_ends_the_job(run_mpi):
-    result = run_mpi(3, "solver_faults.py", "fault", timeout=30, DPNET_FAULT_INJECT="rank=1,step=5")
+@pytest.mark.parametrize("sharded", [(), ("--sharded",)], ids=["replicated", "sharded"])
+def test_an_error_on_one_rank_ends_the_job(sharded, run_mpi):
+    result = run_mpi(3, "solver_faults.py", "fault", *sharded, timeout=30, DPNET_FAULT_INJECT="rank=1,step=5")
     assert result.returncode != 0
     assert result.elapsed < 15, f"the job took {result.elapsed:.1f} s to die"
     assert "dpnet: rank 1 of 3 failed with an unhandled RuntimeError" in result.stderr, result.stderr
@@ -177,8 +178,9 @@ def test_an_error_on_one_rank_ends_the_job(run_mpi):
 
 
 @pytest.mark.timeout(60)
-def test_a_diverging_loss_stops_every_rank_at_the_same_iteration(run_mpi, tmp_path):
-    result = run_mpi(2, "solver_faults.py", "nan", tmp_path, timeout=30)
+@pytest.mark.parametrize("sharded", [(), ("--sharded",)], ids=["replicated", "sharded"])
+def test_a_diverging_loss_stops_every_rank_at_the_same_iteration(sharded, run_mpi, tmp_path):
+    result = run_mpi(2, "solver_faults.py", "nan", tmp_path, *sharded, timeout=30)
     assert result.returncode != 0
     assert result.elapsed < 15, f"the job took {result.elapsed:.1f} s to die"
     assert "failed with an unhandled FloatingPointError" in result.stderr, result.stderr
@@ -189,8 +191,9 @@ def test_a_diverging_loss_stops_every_rank_at_the_same_iteration(run_mpi, tmp_pa
 
 
 @pytest.mark.timeout(60)
-def test_sys_exit_on_one_rank_ends_the_job_with_its_code(run_mpi):
-    result = run_mpi(3, "solver_faults.py", "exit", timeout=30)
+@pytest.mark.parametrize("sharded", [(), ("--sharded",)], ids=["replicated", "sharded"])
+def test_sys_exit_on_one_rank_ends_the_job_with_its_code(sharded, run_mpi):
+    result = run_mpi(3, "solver_faults.py", "exit", *sharded, timeout=30)
     assert result.returncode == 5, result.stdout + result.stderr
     assert result.elapsed < 15, f"the job took {result.elapsed:.1f} s to die"
     assert "dpnet: rank 0 of 3 left training with SystemExit(5); aborting all ranks" in result.stderr

@@ -1,4 +1,6 @@
-"""Failures of a data-parallel Solver run: `mpiexec -n N python solver_faults.py MODE [DIR]`.
+"""Failures of a data-parallel Solver run: `mpiexec -n N python solver_faults.py MODE [DIR] [--sharded]`.
+
+With --sharded the optimizer state is sharded (on one machine: parameters and gradients in shared memory).
 
 MODE:
 - fault: plain training; run it with DPNET_FAULT_INJECT="rank=R,step=S" (the Solver's fault_injection_point raises).
@@ -20,6 +22,7 @@ from dpnet.distributed import get_communicator
 from dpnet.solver import Solver
 
 mode = sys.argv[1]
+sharded = "--sharded" in sys.argv
 comm = get_communicator()
 data, model = toy_data(), toy_model()
 
@@ -31,7 +34,8 @@ class ExitAt3:
 
 
 solver = Solver(model, data, optim_config={"learning_rate": 1e30 if mode == "nan" else 1e-2}, batch_size=30,
-                num_epochs=3, seed=1, comm=comm, verbose=False, monitors=[ExitAt3()] if mode == "exit" else [])
+                num_epochs=3, seed=1, comm=comm, verbose=False, monitors=[ExitAt3()] if mode == "exit" else [],
+                shard_optimizer=sharded)
 
 if mode == "diverge" and comm.rank == 1:
     loss = model.loss
@@ -49,6 +53,7 @@ except FloatingPointError as exc:
     if mode != "nan":
         raise
     folder = Path(sys.argv[2])
+    assert solver._shards is None or solver._shards.shared == sharded
     (folder / f"rank{comm.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
     deadline = time.monotonic() + 5
     while len(list(folder.glob("rank*.txt"))) < comm.size and time.monotonic() < deadline:
