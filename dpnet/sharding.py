@@ -102,11 +102,14 @@ class ShardedState:
             self._params.extra[...] = 0  # the padding is summed and gathered but feeds nothing: zeros keep norms true
         self._grad.extra[...] = 0
         self.grads = self._grad.views
-        self.grad_block = np.empty(self.hi - self.lo, dtype=self.dtype)
+        if self._shared_grads is None:
+            self.grad_block = np.empty(self.hi - self.lo, dtype=self.dtype)
+        else:  # the sum is written over this process's own block, which no other process reads
+            self.grad_block = self._grad.buffer[self.lo:self.hi]
 
     @property
     def params(self):
-        """The flat parameter vector (None before bind and after release_params)."""
+        """The flat parameter vector (None before bind and after release)."""
         return None if self._params is None else self._params.buffer
 
     @property
@@ -137,10 +140,10 @@ class ShardedState:
     def _writes_shared_params(self):
         return self._shared is None or self.comm.rank == 0
 
-    def release_params(self, model_params):
-        """Collective: hand the parameters over to the model for good, and drop the vectors (the next bind() lays them
-        out anew). Returns model_params' arrays: the views of the flat vector, or, when it is shared memory, copies
-        that replace the views in model_params (the shared memory is freed: views kept elsewhere become invalid)."""
+    def release(self, model_params):
+        """Collective: drop the vectors (the next bind() lays them out anew) and free the shared memory, first
+        replacing any of model_params' arrays that is a view of the shared parameter vector by a copy. Views of the
+        shared memory kept elsewhere become invalid."""
         if self._shared is not None:
             for name, view in self._params.views.items():
                 if model_params[name] is view:
@@ -149,7 +152,6 @@ class ShardedState:
             self._shared_grads.free()
             self._shared = self._shared_grads = None
         self._params = self._grad = self.grads = self.grad_block = self._scratch = None
-        return dict(model_params)
 
     def reduce(self, loss, weight, local_grads):
         """Sum weight * local gradients over the processes into this process's block; return (summed loss, norm of
@@ -166,30 +168,36 @@ class ShardedState:
         return scalars[0], float(np.sqrt(scalars[1]))
 
     def _sum_shared_block(self):
-        """grad_block <- the sum over processes of weight * gradient, this process's block of it, read from every
-        process's shared gradient vector (their last slot is the weight). No process writes its gradient vector again
-        before every process has passed the barrier that ends update()."""
-        vectors = [self._shared_grads.of(rank) for rank in range(self.comm.size)]
-        blocks = [vector[self.lo:self.hi] for vector in vectors]
-        weights = [vector[-1] for vector in vectors]
-        out = self.grad_block
-        if all(w == weights[0] for w in weights):  # equal shards: add, then scale the block once
-            np.add(blocks[0], blocks[1], out=out)
-            for block in blocks[2:]:
-                out += block
-            out *= weights[0]
+        """grad_block (this process's block of its own gradient vector) <- the sum over processes of weight *
+        gradient, for this block: its own, then the others' in rank order, read from their shared vectors (whose last
+        slot is the weight). No process writes its gradient vector again before every process has passed the barrier
+        that ends update()."""
+        others = [self._shared_grads.of(rank) for rank in range(self.comm.size) if rank != self.comm.rank]
+        out, own_weight = self.grad_block, self._grad.buffer[-1]
+        weights = [vector[-1] for vector in others]
+        if all(w == own_weight for w in weights):  # equal shards: add, then scale the block once
+            for vector in others:
+                out += vector[self.lo:self.hi]
+            out *= own_weight
             return
         if self._scratch is None:
             self._scratch = np.empty_like(out)
-        np.multiply(blocks[0], weights[0], out=out)
-        for block, w in zip(blocks[1:], weights[1:]):
-            out += np.multiply(block, w, out=self._scratch)
+        out *= own_weight
+        for vector, w in zip(others, weights):
+            out += np.multiply(vector[self.lo:self.hi], w, out=self._scratch)
 
     def gather_grads(self):
         """Collective: on rank 0, the whole summed gradient, as views by name (of rank 0's gradient vector, which the
         next step overwrites); None elsewhere."""
         flat = self._grad.buffer[:self.size + self._padding]
-        self.comm.gather(self.grad_block, flat if self.comm.rank == 0 else None, self.counts)
+        if self._shared_grads is None:
+            self.comm.gather(self.grad_block, flat if self.comm.rank == 0 else None, self.counts)
+        else:  # each process's summed block lies in its own vector: rank 0 reads them before anyone writes again
+            if self.comm.rank == 0:
+                for rank in range(1, self.comm.size):
+                    lo, hi = self.counts[0] * rank, self.counts[0] * (rank + 1)
+                    flat[lo:hi] = self._shared_grads.of(rank)[lo:hi]
+            self._shared_grads.sync()
         return dict(self.grads) if self.comm.rank == 0 else None
 
     def update(self, apply):

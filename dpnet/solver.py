@@ -254,7 +254,7 @@ class Solver:
         if self.shard_optimizer and self.comm.size > 1:
             if self._shards is None or not self._shards.matches(self.model.params):
                 if self._shards is not None:
-                    self._shards.release_params(self.model.params)
+                    self._shards.release(self.model.params)
                 self._shards = ShardedState(self.comm, self.model.params, share_params=self.share_params)
             self._shards.bind(self.model.params)
         if self.lr_schedule is not None:
@@ -370,9 +370,9 @@ class Solver:
     def train(self):
         """Run the optimization until num_epochs are done (continuing where a restored checkpoint left off).
 
-        At the end the model holds the parameters with the best validation accuracy (best_params, which only rank 0
-        keeps when there are several processes), with the normalization state (running statistics) they were
-        evaluated with; use_params("final") switches to the last.
+        At the end the model holds the parameters with the best validation accuracy (best_params), with the
+        normalization state (running statistics) they were evaluated with; use_params("final") switches to the last
+        (final_params). With several processes only rank 0 keeps best_params and final_params.
 
         With several processes, a SystemExit raised on one rank during training (say, a monitor on rank 0 calling
         sys.exit) ends the whole job through MPI_Abort with its exit code: the other ranks, waiting in a collective,
@@ -426,12 +426,18 @@ class Solver:
                       f"loss: {loss:f} train acc: {self.train_acc_history[-1]:f} "
                       f"val_acc: {self.val_acc_history[-1]:f}")
         # The last parameters themselves become final_params (the model gets copies of the best ones next): no
-        # parameter-sized copy. Disowned, so that further training never updates them in place.
-        self.final_params = (dict(self.model.params) if self._shards is None
-                             else self._shards.release_params(self.model.params))
+        # parameter-sized copy, but of shared memory, which is freed below. Disowned, so that further training never
+        # updates them in place. With several processes rank 0 alone keeps them, as it alone keeps the best ones.
+        keep = self.comm.size == 1 or self.comm.rank == 0
+        last = dict(self.model.params)
+        if self._shards is not None and self._shards.shared and keep:
+            last = {name: value.copy() for name, value in last.items()}
+        self.final_params = last if keep else {}
         self._owned.clear()
         self.final_norm_state = {name: value.copy() for name, value in self._norm_state().items()}
         self.use_params("best")
+        if self._shards is not None:
+            self._shards.release(self.model.params)
         self._notify("on_train_end", self, dict(iteration=self.iteration, epoch=self.epoch,
                                                 best_val_acc=self.best_val_acc))
         return self
@@ -445,13 +451,13 @@ class Solver:
         """Load the "best" (by validation accuracy) or the "final" parameters and normalization state into the
         model (both are known once train() has returned).
 
-        With several processes only rank 0 keeps the best ones (a copy of the model per process would be waste: the
-        replicas are identical); "best" broadcasts them, so it is collective: call it on every rank.
+        With several processes only rank 0 keeps them (a copy of the model per process would be waste: the replicas
+        are identical) and use_params broadcasts them, so it is collective: call it on every rank.
         """
         if which not in ("best", "final"):
             raise ValueError(f"use_params: expected 'best' or 'final', got {which!r}")
-        if which == "best" and self.comm.size > 1:
-            params, norm = self._broadcast_best()
+        if self.comm.size > 1:
+            params, norm = self._broadcast_kept(which)
         else:
             params, norm = {"best": (self.best_params, self.best_norm_state),
                             "final": (self.final_params, self.final_norm_state)}[which]
@@ -462,18 +468,19 @@ class Solver:
             i, key = name.split("/", 1)
             self.model.bn_params[int(i)][key] = value
 
-    def _broadcast_best(self):
-        """Rank 0's best parameters and normalization state, on every rank (new arrays). Collective."""
+    def _broadcast_kept(self, which):
+        """Rank 0's best or final parameters and normalization state, on every rank (new arrays). Collective."""
+        params, norm = {"best": (self.best_params, self.best_norm_state),
+                        "final": (self.final_params, self.final_norm_state)}[which]
         state = {f"param/{name}": value for name, value in self.model.params.items()}
         state.update({f"norm/{name}": value for name, value in self._norm_state().items()})
-        held = np.array([len(self.best_params) > 0], dtype=np.int64)
+        held = np.array([len(params) > 0], dtype=np.int64)
         self.comm.bcast(held)
         if not held[0]:
-            raise RuntimeError("use_params('best'): there are no best parameters yet (train() first)")
+            raise RuntimeError(f"use_params({which!r}): there are no {which} parameters yet (train() first)")
         fused = FusedBuffer(state)  # laid out from this rank's arrays: the same names and shapes on every rank
         if self.comm.rank == 0:
-            fused.pack({**{f"param/{k}": v for k, v in self.best_params.items()},
-                        **{f"norm/{k}": v for k, v in self.best_norm_state.items()}})
+            fused.pack({**{f"param/{k}": v for k, v in params.items()}, **{f"norm/{k}": v for k, v in norm.items()}})
         self.comm.bcast(fused.buffer)
         out = {key: view.astype(state[key].dtype, copy=False) for key, view in fused.views.items()}
         return ({k[len("param/"):]: v for k, v in out.items() if k.startswith("param/")},

@@ -12,6 +12,7 @@ import numpy as np
 
 from dpnet.classifiers.fc_net import FullyConnectedNet
 from dpnet.data_utils import ImageArray
+from dpnet.distributed import check_in_sync
 from dpnet.solver import Solver
 
 SHAPE, CLASSES, NUM_TRAIN, NUM_VAL, BATCH, EPOCHS = (3, 4, 4), 5, 500, 70, 50, 2
@@ -91,9 +92,14 @@ def run(case, comm):
     for i, param in enumerate(model.bn_params):
         out.update({f"norm{i}/{key}": param[key] for key in ("running_mean", "running_var") if key in param})
     out["sharded"] = np.array(solver._shards is not None)
-    # train() hands back arrays of the process's own (the shared memory is freed): the last ones are final_params
-    out["final_is_last"] = np.array(all(np.array_equal(solver.final_params[name], value)
-                                        for name, value in getattr(last, "params", {}).items()))
+    # train() hands back arrays of the process's own (the shared memory is freed). Rank 0 keeps the last ones as
+    # final_params; use_params("final") broadcasts them (checked identical everywhere), then "best" comes back.
+    kept = all(np.array_equal(solver.final_params[name], value) for name, value in getattr(last, "params", {}).items())
+    solver.use_params("final")
+    check_in_sync(comm, [model.params[name] for name in sorted(model.params)], "after use_params('final')")
+    loaded = all(np.array_equal(model.params[name], value) for name, value in getattr(last, "params", {}).items())
+    out["final_is_last"] = np.array(kept and loaded and (comm.size == 1 or (comm.rank == 0) == bool(solver.final_params)))
+    solver.use_params("best")
     out["shared_params"] = np.array(getattr(last, "shared", False))
     holding = np.array([len(solver.best_params) > 0], dtype=np.int64)
     out["ranks_holding_best"] = comm.allreduce(holding)
