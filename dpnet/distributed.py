@@ -207,13 +207,22 @@ class MPICommunicator:
 
     def shared_array(self, size, dtype, each=False):
         """Collective: a NodeSharedArray of `size` elements of `dtype` that every process of this communicator maps
-        (with `each`, one such array per process), when they all run on one machine; None when they do not."""
+        (with `each`, one such array per process), when they all run on one machine; None when they do not, or when
+        the shared-memory file system (MPICH's: /dev/shm) has not room for it (a note on stderr says so): a
+        process touching shared pages beyond its size would die of SIGBUS."""
         MPI = self._MPI
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        if node.Get_size() != self.size:
+        itemsize = np.dtype(dtype).itemsize
+        needed = size * itemsize * (self.size if each else 1)
+        room = _shared_memory_room() if self.rank == 0 else None
+        room = self.comm.bcast(room, root=0)  # one decision for all (once per training run: pickling is fine)
+        if node.Get_size() != self.size or (room is not None and room < needed):
+            if node.Get_size() == self.size and self.rank == 0:
+                _say(f"dpnet: {_SHM_DIR} has {room / 2**20:.0f} MB free, {needed / 2**20:.0f} MB are needed to "
+                     "share parameters and gradients between processes: they are copied through MPI instead "
+                     "(make /dev/shm larger, e.g. docker run --shm-size, for the faster way)\n")
             node.Free()
             return None
-        itemsize = np.dtype(dtype).itemsize
         window = MPI.Win.Allocate_shared(size * itemsize if each or node.Get_rank() == 0 else 0, itemsize, comm=node)
         window.Lock_all(MPI.MODE_NOCHECK)  # a passive-target epoch, for Win_sync (memory barriers); no lock is taken
         arrays = [np.frombuffer(window.Shared_query(rank)[0], dtype=dtype, count=size)
@@ -472,6 +481,18 @@ class FusedBuffer:
         for name, view in self.views.items():
             np.multiply(arrays[name], scale, out=view)
         return self.buffer
+
+
+_SHM_DIR = "/dev/shm"
+
+
+def _shared_memory_room():
+    """Free bytes of the shared-memory file system MPICH maps its windows from (None where there is none)."""
+    try:
+        stats = os.statvfs(_SHM_DIR)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 class NodeSharedArray:

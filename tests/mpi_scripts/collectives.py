@@ -88,6 +88,13 @@ one.free()
 each.free()
 assert one.array is None
 one.free()  # a second free does nothing
+import dpnet.distributed  # noqa: E402
+
+room = dpnet.distributed._shared_memory_room
+dpnet.distributed._shared_memory_room = lambda: 4096 if r == 0 else 2**40  # rank 0 decides for all
+assert comm.shared_array(1024, np.float64) is None  # 8 KB do not fit in 4 KB: no shared memory, a note instead
+assert comm.shared_array(100, np.float64) is not None
+dpnet.distributed._shared_memory_room = room
 
 local = np.array([r + 1.0, 1.0], dtype=np.float32)
 total = make_reducer(comm)(local)
