@@ -16,20 +16,20 @@ what is compared is interleaved, so that whatever else the machine does slows bo
   process would spin against each other), alternating in ABBA rounds. PyTorch is optional: without it the rows say
   how to get it. Target: dpnet ahead (aim for 1.3x).
 - distributed: the Solver (float32, --distributed-rule, default sgd) as 1 process x T BLAS threads against P MPI
-  processes x T/P threads, with the optimizer state replicated, sharded with the parameters in shared memory (the
-  default on one machine) and sharded with a copy of the parameters per process, alternating in forward and
-  reversed order round by round; inside each process the communication (the fused gradient's Allreduce; sharded,
-  the gradient's reduce-scatter and the parameters' allgather, or the shared memory's barriers) is timed where it
-  happens (a rank waiting for a slower one counts as communication), its share of the step is that of the worst
-  rank. Also the fused in-place Allreduce (packing included) against
-  one pickled allreduce per gradient array, interleaved. Target: communication <= 10% of the step at 2 processes.
+  processes x T/P threads, with the optimizer state replicated and sharded, each through shared memory (the default
+  on one machine: dpnet.shared_sum, dpnet.sharding) and through MPI's collectives alone, alternating in forward and
+  reversed order round by round; inside each process the communication (MPI's parameter-sized collectives: the fused
+  gradient's Allreduce, sharded the reduce-scatter and the allgather; in shared memory the sums, copies and
+  barriers) is timed where it happens (a rank waiting for a slower one counts as communication), its share of the
+  step is that of the worst rank. Also the fused in-place Allreduce (packing included) against one pickled allreduce
+  per gradient array, interleaved. Target: communication <= 10% of the step at 2 processes.
 - memory: peak RSS and peak PSS (proportional set size, /proc/<pid>/smaps_rollup: shared pages, such as the
   memory-mapped CIFAR-10 cache in the page cache, divided among the processes mapping them; RSS counts them in every
   process) of 1 and of 4 processes (mpiexec) training the command line's default model and recipe
-  (dpnet.config.DEFAULTS: optimizer state sharded, parameters in shared memory) on the full CIFAR-10 for one short
-  epoch of a few dozen steps (its end included: evaluation, replica check, state gathered for checkpoints, and the
-  end of training), and of 4 processes again with a copy of the parameters per process, and with the state
-  replicated; and what each process beyond the first adds. Target: 4 processes <= 1.5 x one process.
+  (dpnet.config.DEFAULTS: optimizer state sharded, parameters and gradients in shared memory) on the full CIFAR-10
+  for one short epoch of a few dozen steps (its end included: evaluation, replica check, state gathered for
+  checkpoints, and the end of training), and of 4 processes again with MPI's collectives alone (a copy of the
+  parameters per process), and with the state replicated; and what each process beyond the first adds. Target: 4 processes <= 1.5 x one process.
 
 With --json PATH everything (per-step times included, and the environment: versions, BLAS, git commit, load
 average) is written there, to compare runs across commits. Run on an otherwise idle machine; the load average is
@@ -37,7 +37,6 @@ printed before and after.
 """
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
@@ -282,26 +281,36 @@ def section_torch(args):
 
 # ----------------------------------------------------------------------------------------------- 3. 1 process vs P
 def worker_distributed(spec):
-    """Inside each process of a job: train with the Solver, timing every step and its communication (the fused
-    gradient's Allreduce; with spec["shard_optimizer"] the gradient's reduce-scatter and the parameters' allgather, or
-    the barriers of the shared parameter memory)."""
+    """Inside each process of a job: train with the Solver, timing every step and its communication: MPI's
+    parameter-sized collectives (the fused gradient's Allreduce; sharded, the reduce-scatter and the allgather) or,
+    in shared memory, the sums and copies of dpnet.shared_sum and every barrier."""
     from .classifiers.fc_net import FullyConnectedNet
-    from . import sharding, solver as solver_module
-    from .distributed import get_communicator, set_blas_threads
+    from .distributed import NodeSharedArray, get_communicator, set_blas_threads
+    from .shared_sum import SharedSum
     from .solver import Solver
 
     set_blas_threads(spec["threads"])
     comm = get_communicator()
     step_times, comm_times, solver_allreduce_times = [], [], []
     big = spec["gradient_size"] // 2  # only the gradient and parameter buffers are this large (others: a few counts)
-    in_step = [0.0]  # time spent in parameter-sized collectives during the current step
+    in_step = [0.0]  # time spent communicating during the current step
+    depth = [0]  # a timed call inside a timed call (a barrier inside a sum) is not counted twice
+
+    def count_as_communication(call, *args, **kwargs):
+        if depth[0]:
+            return call(*args, **kwargs)
+        depth[0] += 1
+        start = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            in_step[0] += time.perf_counter() - start
+            depth[0] -= 1
 
     def timed_collective(call, buf, *args):
-        start = time.perf_counter()
-        call(buf, *args)
-        if buf.size >= big:
-            in_step[0] += time.perf_counter() - start
-        return buf
+        if buf.size < big:
+            return call(buf, *args)
+        return count_as_communication(call, buf, *args)
 
     class TimedComm:
         """The communicator, with the time of its parameter-sized collectives recorded."""
@@ -319,33 +328,22 @@ def worker_distributed(spec):
         def allgather(self, buf, counts):
             return timed_collective(comm.allgather, buf, counts)
 
-        def shared_array(self, size, dtype, each=False):
-            shared = comm.shared_array(size, dtype, each=each)
-            if shared is not None:
-                shared.sync = functools.partial(count_as_communication, shared.sync)
-            return shared
+    # In this worker process only: shared memory's sums, copies and barriers replace collectives, so they count.
+    def timed_method(method):
+        return lambda self, *args, **kwargs: count_as_communication(method, self, *args, **kwargs)
 
-    def count_as_communication(call, *args):
-        start = time.perf_counter()
-        result = call(*args)
-        in_step[0] += time.perf_counter() - start
-        return result
-
-    class TimedShardedState(sharding.ShardedState):
-        """Sharded, with the gradients summed in shared memory: that sum counts as communication (it replaces the
-        reduce-scatter)."""
-
-        def _sum_shared_block(self):
-            count_as_communication(super()._sum_shared_block)
+    for cls, name in ((NodeSharedArray, "sync"), (SharedSum, "sum_block"), (SharedSum, "gather")):
+        setattr(cls, name, timed_method(getattr(cls, name)))
 
     class TimedSolver(Solver):
-        shared_params_were_used = False
+        shared_memory_was_used = False
 
         def _step(self):
             in_step[0] = 0.0
             start = time.perf_counter()
             result = super()._step()
-            self.shared_params_were_used |= self._shards is not None and self._shards.shared
+            self.shared_memory_was_used |= (self._shared_sum is not None
+                                            or self._shards is not None and self._shards.shared)
             step_times.append(time.perf_counter() - start)
             comm_times.append(in_step[0])
             return result
@@ -356,7 +354,6 @@ def worker_distributed(spec):
             solver_allreduce_times.append(time.perf_counter() - start)
             return result
 
-    solver_module.ShardedState = TimedShardedState  # this worker process only
     batch, dtype = spec["batch_size"], np.dtype(spec["dtype"])
     steps_per_epoch = 8
     rng = np.random.default_rng(0)
@@ -372,19 +369,21 @@ def worker_distributed(spec):
                          batch_size=batch, num_epochs=-(-total // steps_per_epoch), num_train_samples=batch, seed=0,
                          comm=TimedComm() if comm.size > 1 else comm, verbose=False,
                          shard_optimizer=spec.get("shard_optimizer", False),
-                         share_params=spec.get("share_params", True))
+                         shared_memory=spec.get("shared_memory", True))
     solver.train()
     steps = np.array(step_times[spec["warmup"]:total])
     result = dict(rank=comm.rank, steps=steps.tolist())
     if comm.size == 1:
         return [result]
     reduces = np.array(comm_times[spec["warmup"]:total])
-    result.update(allreduce=reduces.tolist(), share=float(np.median(reduces / steps)))
+    result.update(allreduce=reduces.tolist(), share=float(np.median(reduces / steps)),
+                  shared_memory=bool(solver.shared_memory_was_used))
     if spec.get("shard_optimizer"):
-        result.update(shared_params=bool(solver.shared_params_were_used))
         return comm.comm.gather(result, root=0)
     packed = np.array(solver_allreduce_times[spec["warmup"]:total])
     result.update(solver_allreduce=packed.tolist(), solver_share=float(np.median(packed / steps)))
+    if spec.get("shared_memory", True):
+        return comm.comm.gather(result, root=0)
     result.update(compare_fused_and_pickled(comm, model, data, spec["allreduce_repeats"]))
     import mpi4py
 
@@ -417,13 +416,17 @@ def compare_fused_and_pickled(comm, model, data, repeats):
     return dict(**times, gradient_bytes=int(fused.buffer.nbytes), gradient_arrays=len(grads))
 
 
+# name -> (shard_optimizer, shared_memory) of the P-process jobs of the distributed section
+DISTRIBUTED_CASES = {"replicated": (False, True), "replicated_mpi": (False, False), "sharded": (True, True),
+                     "sharded_mpi": (True, False)}
+
+
 def section_distributed(args):
     if mpiexec() is None or importlib.util.find_spec("mpi4py") is None:
         return dict(available=False, note=MPI_HINT)
     P, T = args.processes, args.threads
-    t = max(1, T // P)  # name -> processes, threads, shard_optimizer, share_params
-    configs = {"serial": (1, T, False, True), "parallel": (P, t, False, True), "sharded": (P, t, True, True),
-               "unshared": (P, t, True, False)}
+    t = max(1, T // P)
+    configs = {"serial": (1, T, False, True), **{name: (P, t, *how) for name, how in DISTRIBUTED_CASES.items()}}
     from .classifiers.fc_net import FullyConnectedNet
 
     gradient_size = sum(p.size for p in FullyConnectedNet(args.hidden_dims, dtype=np.float32).params.values())
@@ -434,34 +437,31 @@ def section_distributed(args):
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
             for name in list(configs) if r % 2 == 0 else list(configs)[::-1]:  # ABBA
-                p, t, shard, share = configs[name]
+                p, t, shard, shared = configs[name]
                 _progress(f"distributed section, round {r + 1}/{args.rounds}: {p} x {t} threads"
                           f"{', optimizer state sharded' if shard else ''}"
-                          f"{', a copy of the parameters per process' if shard and not share else ''}")
+                          f"{', MPI collectives only' if p > 1 and not shared else ''}")
                 runs[name].append(run_worker("distributed", dict(spec, threads=t, shard_optimizer=shard,
-                                                                 share_params=share), folder, threads=t, processes=p))
+                                                                 shared_memory=shared), folder, threads=t, processes=p))
     serial = [t for run in runs["serial"] for t in run[0]["steps"]]
-    parallel = [t for run in runs["parallel"] for t in run[0]["steps"]]
-    first = runs["parallel"][0][0]
-    collect = lambda key: [t for run in runs["parallel"] for t in run[0][key]]  # noqa: E731
-    shares = [max(rank["share"] for rank in run) for run in runs["parallel"]]
-    sharded = {name: dict(
-        step_ms=median_ms([t for run in runs[name] for t in run[0]["steps"]]),
-        speedup=float(np.median(serial) / np.median([t for run in runs[name] for t in run[0]["steps"]])),
-        comm_share=float(np.median([max(rank["share"] for rank in run) for run in runs[name]])),
-        comm_ms=median_ms([t for run in runs[name] for rank in run for t in rank["allreduce"]]),
-        shared_params=all(rank["shared_params"] for run in runs[name] for rank in run)) for name in ("sharded", "unshared")}
+    cases = {}
+    for name in DISTRIBUTED_CASES:
+        steps = [t for run in runs[name] for t in run[0]["steps"]]
+        cases[name] = dict(
+            step_ms=median_ms(steps), speedup=float(np.median(serial) / np.median(steps)),
+            step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs[name]],
+            comm_share=float(np.median([max(rank["share"] for rank in run) for run in runs[name]])),
+            comm_ms=median_ms([t for run in runs[name] for rank in run for t in rank["allreduce"]]),
+            shared_memory=all(rank["shared_memory"] for run in runs[name] for rank in run))
+        if not DISTRIBUTED_CASES[name][0]:  # replicated: all of Solver._allreduce (packing included) too
+            cases[name]["solver_allreduce_share"] = float(np.median(
+                [max(rank["solver_share"] for rank in run) for run in runs[name]]))
+    first = runs["replicated_mpi"][0][0]
+    collect = lambda key: [t for run in runs["replicated_mpi"] for t in run[0][key]]  # noqa: E731
     return dict(
         available=True, processes=P, threads=T, rule=args.distributed_rule, dtype="float32",
-        serial_step_ms=median_ms(serial), parallel_step_ms=median_ms(parallel),
-        serial_step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs["serial"]],
-        parallel_step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs["parallel"]],
-        speedup=float(np.median(serial) / np.median(parallel)),
-        sharded=sharded["sharded"], sharded_unshared=sharded["unshared"],
-        allreduce_share=float(np.median(shares)), allreduce_share_per_round=shares,
-        solver_allreduce_share=float(np.median([max(rank["solver_share"] for rank in run)
-                                                for run in runs["parallel"]])),
-        allreduce_ms=median_ms([t for run in runs["parallel"] for rank in run for t in rank["allreduce"]]),
+        serial_step_ms=median_ms(serial),
+        serial_step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs["serial"]], cases=cases,
         fused_ms=median_ms(collect("fused")), reduce_only_ms=median_ms(collect("reduce_only")),
         pickled_ms=median_ms(collect("pickled")),
         fused_speedup=float(np.median(collect("pickled")) / np.median(collect("fused"))),
@@ -513,7 +513,7 @@ def worker_memory(spec):
                            optim_config={"learning_rate": config["lr"]}, batch_size=config["batch_size"],
                            num_epochs=1, num_train_samples=1000, num_val_samples=None, verbose=False, seed=0,
                            comm=comm, weight_decay=config["weight_decay"], shard_optimizer=spec["shard_optimizer"],
-                           share_params=spec.get("share_params", True))
+                           shared_memory=spec.get("shared_memory", True))
     solver.train()
     comm.barrier()
     rss, pss, uss = memory_now()
@@ -539,17 +539,17 @@ def section_memory(args):
     spec = dict(data_dir=args.data_dir and str(args.data_dir), hidden_dims=hidden, steps=args.memory_steps)
     runs = [(str(p), p, DEFAULTS["shard_optimizer"], True) for p in args.memory_processes]
     p = max(args.memory_processes)
-    if DEFAULTS["shard_optimizer"] and p > 1:  # the largest job again, with a copy of the parameters per process,
-        runs += [(f"{p}-unshared", p, True, False), (f"{p}-replicated", p, False, True)]  # and with the whole state
+    if DEFAULTS["shard_optimizer"] and p > 1:  # the largest job again with MPI alone, and with the whole state
+        runs += [(f"{p}-unshared", p, True, False), (f"{p}-replicated", p, False, True)]
     jobs = {}
     with tempfile.TemporaryDirectory() as folder:
         for key, p, shard, share in runs:
             _progress(f"memory section: {p} process{'es' if p > 1 else ''}"
                       f"{', optimizer state replicated' if p > 1 and not shard else ''}"
-                      f"{', a copy of the parameters per process' if p > 1 and shard and not share else ''}")
-            ranks = run_worker("memory", dict(spec, shard_optimizer=shard, share_params=share), folder, processes=p,
+                      f"{', MPI only' if p > 1 and shard and not share else ''}")
+            ranks = run_worker("memory", dict(spec, shard_optimizer=shard, shared_memory=share), folder, processes=p,
                                mpi=True)
-            jobs[key] = dict(processes=p, shard_optimizer=shard and p > 1, share_params=share and shard and p > 1,
+            jobs[key] = dict(processes=p, shard_optimizer=shard and p > 1, shared_memory=share and shard and p > 1,
                              ranks=ranks,
                              total_peak_rss_mb=sum(r["peak_rss_mb"] for r in ranks),
                              total_peak_pss_mb=sum(r["peak_pss_mb"] for r in ranks),
@@ -658,21 +658,20 @@ def table_rows(results, args):
     elif dist is not None:
         P, T = dist["processes"], dist["threads"]
         label = f"{dist['rule']}, {P} x {max(1, T // P)} thread{'s' if T // P > 1 else ''} vs 1 x {T}"
-        rows.append(("1 vs P processes", f"step, {label}",
-                     f"{dist['parallel_step_ms']:.2f} ms", f"{dist['serial_step_ms']:.2f} ms",
-                     f"{dist['speedup']:.2f}x", ""))
-        rows.append(("1 vs P processes", f"Allreduce share, {P} processes",
-                     f"{dist['allreduce_ms']:.2f} ms of the step",
-                     f"Solver._allreduce {100 * dist['solver_allreduce_share']:.1f}%",
-                     f"{100 * dist['allreduce_share']:.1f}%", "<= 10%"))
-        for key in ("sharded", "sharded_unshared"):
-            case = dist[key]
-            how = "parameters in shared memory" if case["shared_params"] else "a copy of the parameters each"
-            rows.append(("1 vs P processes", f"step, {label}, state sharded, {how}",
-                         f"{case['step_ms']:.2f} ms", f"{dist['serial_step_ms']:.2f} ms", f"{case['speedup']:.2f}x", ""))
-            what = "reduce-scatter + barriers" if case["shared_params"] else "reduce-scatter + allgather"
-            rows.append(("1 vs P processes", f"{what} share, {P} processes",
-                         f"{case['comm_ms']:.2f} ms of the step", "", f"{100 * case['comm_share']:.1f}%", "<= 10%"))
+        what = {"replicated": ("state replicated, gradients summed in shared memory", "sums and barriers share"),
+                "replicated_mpi": ("state replicated, MPI only", "Allreduce share"),
+                "sharded": ("state sharded, parameters and gradients in shared memory", "sums and barriers share"),
+                "sharded_mpi": ("state sharded, MPI only", "reduce-scatter + allgather share")}
+        for name, case in dist["cases"].items():
+            how, communication = what[name]
+            if not case["shared_memory"] and name in ("replicated", "sharded"):
+                how += " (none available: MPI)"
+            rows.append(("1 vs P processes", f"step, {label}, {how}", f"{case['step_ms']:.2f} ms",
+                         f"{dist['serial_step_ms']:.2f} ms", f"{case['speedup']:.2f}x", ""))
+            extra = (f"Solver._allreduce {100 * case['solver_allreduce_share']:.1f}%"
+                     if "solver_allreduce_share" in case else "")
+            rows.append(("1 vs P processes", f"  {communication}, {P} processes", f"{case['comm_ms']:.2f} ms of the step",
+                         extra, f"{100 * case['comm_share']:.1f}%", "<= 10%"))
         rows.append(("1 vs P processes", f"fused vs pickled ({dist['gradient_megabytes']:.1f} MB)",
                      f"{dist['fused_ms']:.2f} ms (call alone {dist['reduce_only_ms']:.2f})",
                      f"pickled {dist['pickled_ms']:.2f} ms", f"{dist['fused_speedup']:.1f}x", ""))
@@ -684,7 +683,7 @@ def table_rows(results, args):
             p = job["processes"]
             private = np.mean([r["uss_mb"] or 0.0 for r in job["ranks"]])
             how = ("" if p == 1 else ", state replicated" if not job.get("shard_optimizer")
-                   else ", state sharded, shared parameters" if job.get("share_params") else ", state sharded")
+                   else ", state sharded, shared memory" if job.get("shared_memory") else ", state sharded, MPI only")
             rows.append(("memory (CIFAR-10)", f"{p} process{'es' if p > 1 else ''}{how}, peak PSS (sum)",
                          f"{job['total_peak_pss_mb']:.0f} MB ({private:.0f} MB private each)",
                          f"peak RSS (sum) {job['total_peak_rss_mb']:.0f} MB",

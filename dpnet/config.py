@@ -50,7 +50,7 @@ DEFAULTS = dict(
     quiet=False,
     blas_threads=None,
     shard_optimizer=True,
-    share_params=True,
+    shared_memory=True,
 )
 
 # key -> (kind, help). Kinds: path, str, int, float, ints (a list of ints), bool (a switch).
@@ -92,16 +92,16 @@ FLAGS = {
     "shard_optimizer": ("bool", "with several processes, each keeps the update rule's state of its block of the "
                                 "parameters only, when the rule is elementwise, as the built-in ones are (the same "
                                 "results, less memory)"),
-    "share_params": ("bool", "with --shard-optimizer and every process on one machine, keep the parameters and "
-                             "gradients in shared memory (/dev/shm): one copy of the parameters per machine and no "
-                             "copying between processes (the same results)"),
+    "shared_memory": ("bool", "with every process on one machine, sum the gradients in shared memory (/dev/shm) "
+                              "instead of copying them through MPI, and with --shard-optimizer keep one copy of the "
+                              "parameters there (the same results, faster, less memory)"),
 }
 # What a resumed run may change; everything else shapes the model, the data or the optimization and must match.
 RESUME_MAY_CHANGE = {"data_dir", "download", "epochs", "logdir", "checkpoint_dir", "checkpoint_every", "resume",
-                     "quiet", "blas_threads", "shard_optimizer", "share_params"}
+                     "quiet", "blas_threads", "shard_optimizer", "shared_memory"}
 # Where the run is, not what it is: left out of config.toml and of the hyper-parameters.
 _LOCATION_KEYS = ("data_dir", "download", "logdir", "checkpoint_dir", "resume", "quiet", "blas_threads",
-                  "shard_optimizer", "share_params")
+                  "shard_optimizer", "shared_memory")
 DTYPES = ("float32", "float64")
 SCHEDULES = ("exponential", "step", "cosine")
 NUM_VALIDATION = 1000

@@ -26,6 +26,7 @@ process's segment of it (possibly empty), so scalar state such as Adam's step co
 import numpy as np
 
 from .distributed import FusedBuffer
+from .shared_sum import SharedSum
 
 
 class ShardError(ValueError):
@@ -54,7 +55,7 @@ class ShardedState:
     into. `segments[name]` is (start, stop) of this process's part of that parameter, in the parameter's flattened
     order (start == stop when it has none).
 
-    With `share_params`, when every process runs on one machine (`comm.shared_array` gives memory: `shared` is then
+    With `shared_memory`, when every process runs on one machine (`comm.shared_array` gives memory: `shared` is then
     True), both vectors are shared memory: one parameter vector for all processes, and one gradient vector per process
     that the others read. The gradients are then summed where they lie (each process adds up its block of every
     process's vector) instead of by MPI's reduce-scatter, which copies them through MPI's own buffers: 0.22-0.25 ms
@@ -62,9 +63,9 @@ class ShardedState:
     of its own.
     """
 
-    def __init__(self, comm, model_params, share_params=True):
+    def __init__(self, comm, model_params, shared_memory=True):
         self.comm = comm
-        self.share_params = share_params
+        self.shared_memory = shared_memory
         self.names = sorted(model_params)
         self.shapes = {name: model_params[name].shape for name in self.names}
         dtypes = {np.dtype(model_params[name].dtype) for name in self.names}
@@ -84,28 +85,29 @@ class ShardedState:
         for name, size in zip(self.names, sizes):
             start = min(max(self.lo - self.offsets[name], 0), size)
             self.segments[name] = (start, max(start, min(self.hi - self.offsets[name], size)))
-        self._params = self._grad = self._shared = self._shared_grads = self._scratch = None
+        self._params = self._grad = self._shared = self._shared_sum = None
         self.grads = self.grad_block = None
 
     def _allocate(self, model_params):
         """Collective: lay out the parameter and gradient vectors (in shared memory when the processes can share)."""
-        total = self.size + self._padding
-        get_shared = getattr(self.comm, "shared_array", None) if self.share_params else None
-        self._shared = get_shared(total, self.dtype) if get_shared is not None else None
-        if self._shared is not None:  # the gradients too; each vector ends with its process's weight (see reduce)
-            self._shared_grads = get_shared(total + 1, self.dtype, each=True)
-        self._params = FusedBuffer(model_params, extra=self._padding, buffer=self._shared and self._shared.array)
-        weight_slot = 1 if self._shared_grads is not None else 0
-        self._grad = FusedBuffer(model_params, extra=self._padding + weight_slot,
-                                 buffer=self._shared_grads and self._shared_grads.array)
-        if self._writes_shared_params():
-            self._params.extra[...] = 0  # the padding is summed and gathered but feeds nothing: zeros keep norms true
-        self._grad.extra[...] = 0
-        self.grads = self._grad.views
-        if self._shared_grads is None:
+        get_shared = getattr(self.comm, "shared_array", None) if self.shared_memory else None
+        if get_shared is not None:  # the gradients (dpnet.shared_sum; the same blocks), then the parameters
+            self._shared_sum = SharedSum.create(self.comm, model_params)
+            self._shared = self._shared_sum and get_shared(self.size + self._padding, self.dtype)
+            if self._shared is None and self._shared_sum is not None:  # no room left for the parameters
+                self._shared_sum.free()
+                self._shared_sum = None
+        if self._shared is not None:
+            self._grad = self._shared_sum.vector
+            self.grad_block = self._shared_sum.summed[self.lo:self.hi]  # the sum is written over the own block
+        else:
+            self._grad = FusedBuffer(model_params, extra=self._padding)
+            self._grad.extra[...] = 0  # the padding is summed and gathered but feeds nothing: zeros keep norms true
             self.grad_block = np.empty(self.hi - self.lo, dtype=self.dtype)
-        else:  # the sum is written over this process's own block, which no other process reads
-            self.grad_block = self._grad.buffer[self.lo:self.hi]
+        self._params = FusedBuffer(model_params, extra=self._padding, buffer=self._shared and self._shared.array)
+        if self._writes_shared_params():
+            self._params.extra[...] = 0
+        self.grads = self._grad.views
 
     @property
     def params(self):
@@ -114,7 +116,7 @@ class ShardedState:
 
     @property
     def shared(self):
-        """Whether the vectors are memory shared by the processes (bound, one machine, share_params)."""
+        """Whether the vectors are memory shared by the processes (bound, one machine, shared_memory)."""
         return self._shared is not None
 
     def matches(self, model_params):
@@ -149,55 +151,30 @@ class ShardedState:
                 if model_params[name] is view:
                     model_params[name] = view.copy()
             self._shared.free()
-            self._shared_grads.free()
-            self._shared = self._shared_grads = None
-        self._params = self._grad = self.grads = self.grad_block = self._scratch = None
+            self._shared_sum.free()
+            self._shared = self._shared_sum = None
+        self._params = self._grad = self.grads = self.grad_block = None
 
     def reduce(self, loss, weight, local_grads):
         """Sum weight * local gradients over the processes into this process's block; return (summed loss, norm of
         the summed gradient). local_grads are copied into the gradient vector unless they are its views already."""
-        if self._shared is None:
+        if self._shared_sum is None:
             self.comm.reduce_scatter(self._grad.pack(local_grads, weight), self.grad_block, self.counts)
         else:
-            self._grad.pack(local_grads)
-            self._grad.extra[-1] = weight
-            self._shared_grads.sync()
-            self._sum_shared_block()
+            self._grad.pack(local_grads)  # the weight is applied in the sum
+            self._shared_sum.sum_block(weight)
         scalars = np.array([loss * weight, float(np.vdot(self.grad_block, self.grad_block))], dtype=np.float64)
         self.comm.allreduce(scalars)
         return scalars[0], float(np.sqrt(scalars[1]))
 
-    def _sum_shared_block(self):
-        """grad_block (this process's block of its own gradient vector) <- the sum over processes of weight *
-        gradient, for this block: its own, then the others' in rank order, read from their shared vectors (whose last
-        slot is the weight). No process writes its gradient vector again before every process has passed the barrier
-        that ends update()."""
-        others = [self._shared_grads.of(rank) for rank in range(self.comm.size) if rank != self.comm.rank]
-        out, own_weight = self.grad_block, self._grad.buffer[-1]
-        weights = [vector[-1] for vector in others]
-        if all(w == own_weight for w in weights):  # equal shards: add, then scale the block once
-            for vector in others:
-                out += vector[self.lo:self.hi]
-            out *= own_weight
-            return
-        if self._scratch is None:
-            self._scratch = np.empty_like(out)
-        out *= own_weight
-        for vector, w in zip(others, weights):
-            out += np.multiply(vector[self.lo:self.hi], w, out=self._scratch)
-
     def gather_grads(self):
         """Collective: on rank 0, the whole summed gradient, as views by name (of rank 0's gradient vector, which the
         next step overwrites); None elsewhere."""
-        flat = self._grad.buffer[:self.size + self._padding]
-        if self._shared_grads is None:
+        if self._shared_sum is None:
+            flat = self._grad.buffer[:self.size + self._padding]
             self.comm.gather(self.grad_block, flat if self.comm.rank == 0 else None, self.counts)
-        else:  # each process's summed block lies in its own vector: rank 0 reads them before anyone writes again
-            if self.comm.rank == 0:
-                for rank in range(1, self.comm.size):
-                    lo, hi = self.counts[0] * rank, self.counts[0] * (rank + 1)
-                    flat[lo:hi] = self._shared_grads.of(rank)[lo:hi]
-            self._shared_grads.sync()
+        else:  # each process's summed block lies in its own vector
+            self._shared_sum.gather(root=0)
         return dict(self.grads) if self.comm.rank == 0 else None
 
     def update(self, apply):

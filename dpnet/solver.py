@@ -26,12 +26,13 @@ import numpy as np
 
 from . import registry
 from .distributed import FusedBuffer, check_in_sync, fault_injection_point, get_communicator, make_reducer
+from .shared_sum import SharedSum
 from .sharding import ShardedState, check_shardable
 
 _DEFAULTS = dict(update_rule="sgd", optim_config=None, lr_decay=1.0, batch_size=100, num_epochs=10,
                  num_train_samples=1000, num_val_samples=None, checkpoint_name=None, print_every=10, verbose=True,
                  seed=None, comm=None, monitors=(), sync_batchnorm=True, augment=None, lr_schedule=None,
-                 weight_decay=0.0, shard_optimizer=False, share_params=True)
+                 weight_decay=0.0, shard_optimizer=False, shared_memory=True)
 
 
 class Solver:
@@ -67,11 +68,12 @@ class Solver:
       info['grads'] is then None but at the last iteration of each epoch, where the whole gradient is gathered
       (info['grad_norm'] is always the whole gradient's norm); the optimizer state is gathered for checkpoints at
       epoch ends (see optimizer_state)
-    - share_params: with shard_optimizer, processes that all run on one machine keep the parameters and gradients in
-      shared memory (default True; dpnet.sharding): one copy of the parameters per machine instead of one per process,
-      and the gradients summed where they lie instead of copied through MPI. During train() the model's arrays are
-      then the same memory on every process (change them on none) and monitors must copy what they keep: train()
-      frees that memory at its end and leaves each process parameter arrays of its own
+    - shared_memory: processes that all run on one machine keep their gradients in shared memory and sum them where
+      they lie instead of copying them through MPI (default True; dpnet.shared_sum); with shard_optimizer the
+      parameters too: one copy per machine instead of one per process (dpnet.sharding). During train() the
+      gradients given to monitors and, sharded, the model's arrays are then shared memory (change the arrays on no
+      process) that train() frees at its end: monitors must copy what they keep beyond a call. train() leaves each
+      process parameter arrays of its own
     """
 
     def __init__(self, model, data, **kwargs):
@@ -104,13 +106,14 @@ class Solver:
         self.lr_schedule = options["lr_schedule"]
         self.weight_decay = float(options["weight_decay"])
         self.shard_optimizer = bool(options["shard_optimizer"])
-        self.share_params = bool(options["share_params"])
+        self.shared_memory = bool(options["shared_memory"])
         self._check_recipe()
 
         self.seed = self._shared_seed(options["seed"])
         self.sync_batchnorm = options["sync_batchnorm"]
         self._setup_model()
         self._fused = None  # the gradient buffer (of the allreduce too), laid out at the first step
+        self._shared_sum = None  # replicated, on one machine: the gradient buffers in shared memory (SharedSum)
         self._shards = None  # with shard_optimizer and several processes: the ShardedState, made at the first step
         self._gathered_configs = None  # the whole optimizer state, gathered on rank 0 at an epoch end (sharded)
         self._grad_norm = None  # the last sharded step's gradient norm
@@ -255,7 +258,7 @@ class Solver:
             if self._shards is None or not self._shards.matches(self.model.params):
                 if self._shards is not None:
                     self._shards.release(self.model.params)
-                self._shards = ShardedState(self.comm, self.model.params, share_params=self.share_params)
+                self._shards = ShardedState(self.comm, self.model.params, shared_memory=self.shared_memory)
             self._shards.bind(self.model.params)
         if self.lr_schedule is not None:
             rate = self.optim_config["learning_rate"] * self.lr_schedule(self.iteration)
@@ -287,9 +290,19 @@ class Solver:
             return loss(X, y)
         if self._shards is not None:
             return loss(X, y, grads=dict(self._shards.grads))
-        if self._fused is None or not self._fused.matches(params):
-            self._fused = FusedBuffer(params, extra=1)
-        return loss(X, y, grads=dict(self._fused.views))
+        return loss(X, y, grads=dict(self._gradient_buffer(params).views))
+
+    def _gradient_buffer(self, arrays):
+        """The FusedBuffer the gradients (and the loss, its extra slot) are summed in, laid out anew (collectively
+        when the processes share memory: dpnet.shared_sum) when `arrays` do not match it."""
+        if self._fused is not None and self._fused.matches(arrays):
+            return self._fused
+        if self._shared_sum is not None:
+            self._shared_sum.free()
+        self._shared_sum = (SharedSum.create(self.comm, arrays, extra=1)
+                            if self.shared_memory and self.comm.size > 1 else None)
+        self._fused = self._shared_sum.vector if self._shared_sum is not None else FusedBuffer(arrays, extra=1)
+        return self._fused
 
     def _update(self, grads):
         """Apply the update rule, and decoupled weight decay, to every parameter.
@@ -336,13 +349,18 @@ class Solver:
         Gradients the model wrote into the buffer are scaled in place; others are packed (scaled), the only copy.
         Afterwards grads[name] are views of the buffer. Returns the summed loss.
         """
-        if self._fused is None or not self._fused.matches(grads):
-            self._fused = FusedBuffer(grads, extra=1)
-        buf = self._fused.pack(grads, weight)
-        self._fused.extra[0] = loss * weight
-        self.comm.allreduce(buf)
-        grads.update(self._fused.views)
-        return self._fused.extra[0]
+        fused = self._gradient_buffer(grads)
+        if self._shared_sum is not None:  # each process sums its block from all, weighted, then copies the others'
+            fused.pack(grads)
+            fused.extra[0] = loss
+            self._shared_sum.sum_block(weight)
+            self._shared_sum.gather()
+        else:
+            fused.pack(grads, weight)
+            fused.extra[0] = loss * weight
+            self.comm.allreduce(fused.buffer)
+        grads.update(fused.views)
+        return fused.extra[0]
 
     # ----------------------------------------------------------------------------------------------- evaluation
     def check_accuracy(self, X, y, num_samples=None, batch_size=100):
@@ -438,6 +456,9 @@ class Solver:
         self.use_params("best")
         if self._shards is not None:
             self._shards.release(self.model.params)
+        if self._shared_sum is not None:
+            self._shared_sum.free()
+            self._shared_sum = self._fused = None
         self._notify("on_train_end", self, dict(iteration=self.iteration, epoch=self.epoch,
                                                 best_val_acc=self.best_val_acc))
         return self

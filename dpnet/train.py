@@ -223,7 +223,7 @@ def make_solver(comm, config, meta, data, model):
                     batch_size=config["batch_size"], num_epochs=config["epochs"], num_train_samples=1000,
                     num_val_samples=None, verbose=False, seed=config["seed"], comm=comm, monitors=monitors,
                     lr_schedule=make_lr_schedule(config), weight_decay=config["weight_decay"],
-                    shard_optimizer=shard, share_params=config["share_params"],
+                    shard_optimizer=shard, shared_memory=config["shared_memory"],
                     augment=Augmentation(crop_padding=config["crop_padding"]) if config["augment"] else None)
 
     def restore():
@@ -248,9 +248,7 @@ def _describe(comm, config, meta, solver):
              f"{config['batch_size']}; {comm.size} process{'es' * (comm.size > 1)} x {threads} BLAS "
              f"thread{'s' * (threads > 1)}"]
     if comm.size > 1:
-        lines.append("dpnet-train: update-rule state sharded over the processes"
-                     + (" (parameters and gradients in shared memory if they share one machine)"
-                        if config["share_params"] else "") if solver.shard_optimizer else
+        lines.append("dpnet-train: update-rule state sharded over the processes" if solver.shard_optimizer else
                      "dpnet-train: update-rule state replicated on every process"
                      + (f" (the rule {config['update_rule']!r} does not declare itself elementwise)"
                         if config["shard_optimizer"] else ""))

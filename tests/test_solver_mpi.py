@@ -101,8 +101,9 @@ def test_n_processes_compute_what_one_process_computes(mpi_results, case):
     assert ours["ranks_holding_best"].sum() == reference["ranks_holding_best"].sum() == 1  # rank 0 alone
     sharded = case.startswith("sharded")
     assert bool(ours["sharded"]) == sharded and not reference["sharded"]
-    # on one machine the sharded processes map one parameter vector, unless told not to (then: the allgather)
-    assert bool(ours["shared_params"]) == (sharded and "unshared" not in case) and not reference["shared_params"]
+    # on one machine the processes sum their gradients in shared memory (sharded: and map one parameter vector),
+    # unless told not to (then: MPI's collectives)
+    assert bool(ours["shared_memory"]) == ("unshared" not in case) and not reference["shared_memory"]
     assert ours["final_is_last"] and reference["final_is_last"]
     state_size, whole = int(ours["local_state_size"]), int(reference["local_state_size"])
     assert (state_size <= whole / n + 2) if sharded else state_size == whole, (state_size, whole)

@@ -29,9 +29,11 @@ CASES["lazy-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd
 CASES["sharded-plain-sgd_momentum"] = dict(normalization=None, rule="sgd_momentum", shard=True)
 CASES["sharded-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", shard=True)
 CASES["sharded-layernorm-adam-decay"] = dict(normalization="layernorm", rule="adam", shard=True, weight_decay=0.5)
-# The processes run on one machine: the sharded cases share one parameter vector, but for this one (allgather).
+# The processes run on one machine: the gradients are summed in shared memory (and the sharded cases share one
+# parameter vector), but for these two, which take MPI's collectives (Allreduce; reduce-scatter and allgather).
+CASES["unshared-layernorm-adam"] = dict(normalization="layernorm", rule="adam", shared_memory=False)
 CASES["sharded-unshared-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd_momentum", shard=True,
-                                                        share_params=False)
+                                                        shared_memory=False)
 # Adam's epsilon is raised from 1e-8 so that it does not blow the rounding noise of zero-gradient parameters (the biases
 # feeding batchnorm) up to 1e-11-sized values that then shift the running means by 1e-10 relative in every run.
 OPTIM_CONFIGS = {"sgd_momentum": {"learning_rate": 0.05}, "adam": {"learning_rate": 2e-3, "epsilon": 1e-6}}
@@ -63,7 +65,7 @@ class _LastParams:
         self.grad_norm = info["grad_norm"]
 
     def on_epoch_end(self, solver, info):
-        self.shared = solver._shards is not None and solver._shards.shared
+        self.shared = (solver._shards.shared if solver._shards is not None else solver._shared_sum is not None)
         self.params = {name: value.copy() for name, value in solver.model.params.items()}
         self.state = {f"{name}/{key}": value.copy() for name, config in solver.optimizer_state().items()
                       for key, value in config.items() if isinstance(value, np.ndarray)}
@@ -82,7 +84,7 @@ def run(case, comm):
                     batch_size=BATCH, num_epochs=EPOCHS, num_train_samples=120, seed=3, comm=comm, verbose=False,
                     monitors=[last], sync_batchnorm=options.get("sync_batchnorm", True),
                     shard_optimizer=options.get("shard", False), weight_decay=options.get("weight_decay", 0.0),
-                    share_params=options.get("share_params", True))
+                    shared_memory=options.get("shared_memory", True))
     solver.train()
     out = {f"last/{name}": value for name, value in getattr(last, "params", {}).items()}
     out.update({f"state/{key}": value for key, value in getattr(last, "state", {}).items()})
@@ -100,7 +102,7 @@ def run(case, comm):
     loaded = all(np.array_equal(model.params[name], value) for name, value in getattr(last, "params", {}).items())
     out["final_is_last"] = np.array(kept and loaded and (comm.size == 1 or (comm.rank == 0) == bool(solver.final_params)))
     solver.use_params("best")
-    out["shared_params"] = np.array(getattr(last, "shared", False))
+    out["shared_memory"] = np.array(getattr(last, "shared", False))
     holding = np.array([len(solver.best_params) > 0], dtype=np.int64)
     out["ranks_holding_best"] = comm.allreduce(holding)
     out["local_state_size"] = np.array(sum(value.size for config in solver.optim_configs.values()
