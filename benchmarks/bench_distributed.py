@@ -3,10 +3,11 @@
     python benchmarks/bench_distributed.py [--rounds 5] [--steps 40] [--warmup 5] [--repeats 30] [--processes 2]
                                            [--threads 2] [--hidden-dims 512 512] [--batch-size 256]
 
-1 process x T BLAS threads against P MPI processes x T/P threads, alternating round by round (ABBA), training
-FullyConnectedNet (float32, sgd, synthetic data) with the Solver; the Allreduce share of the step (worst rank), and
-the fused in-place Allreduce against one pickled allreduce per gradient array. Writes the results to
-benchmarks/results/bench_distributed-<time>.json. Targets: Allreduce <= 10% of the step at 2 processes.
+1 process x T BLAS threads against P MPI processes x T/P threads (optimizer state replicated and sharded, through
+shared memory and through MPI alone), alternating round by round (ABBA), training FullyConnectedNet (float32, sgd,
+synthetic data) with the Solver; the communication share of the step (worst rank), and the fused in-place Allreduce
+against one pickled allreduce per gradient array. Writes the results to
+benchmarks/results/bench_distributed-<time>.json. Target: communication <= 10% of the step at 2 processes.
 """
 
 import argparse
