@@ -88,6 +88,27 @@ one.free()
 each.free()
 assert one.array is None
 one.free()  # a second free does nothing
+# Gradients summed where they lie: each process's block of the weighted sum over everyone's vectors, then (gather) the
+# whole sum everywhere; equal weights take the add-then-scale path, unequal ones the scaled adds.
+from dpnet.shared_sum import SharedSum  # noqa: E402
+
+arrays = {"W": np.zeros((5, 3)), "b": np.zeros(1)}  # 15 + 1 + the caller's slot: 17, padded to P blocks
+for weights in ([1 / n] * n, [(q + 1) / (n * (n + 1) / 2) for q in range(n)]):
+    total = SharedSum.create(comm, arrays, extra=1)
+    assert total.counts == [-(-17 // n)] * n and total.summed.size == n * total.counts[0] > 17
+    total.vector.views["W"][...] = np.arange(15.0).reshape(5, 3) * (r + 1)
+    total.vector.views["b"][...] = [r]
+    total.vector.extra[0] = 10.0 * (r + 1)  # a caller's slot (the loss): summed like the rest
+    total.sum_block(weights[r])
+    total.gather()
+    factor = sum(w * (q + 1) for q, w in enumerate(weights))
+    np.testing.assert_allclose(total.vector.views["W"], np.arange(15.0).reshape(5, 3) * factor, rtol=1e-14)
+    np.testing.assert_allclose(total.vector.views["b"], [sum(w * q for q, w in enumerate(weights))], atol=1e-14)
+    np.testing.assert_allclose(total.vector.extra[0], 10.0 * factor, rtol=1e-14)
+    assert (total.summed[17:] == 0).all()  # the padding stays zero
+    total.free()
+assert SharedSum.create(SerialCommunicator(), arrays) is None
+
 import dpnet.distributed  # noqa: E402
 
 room = dpnet.distributed._shared_memory_room
