@@ -208,14 +208,17 @@ class MPICommunicator:
     def shared_array(self, size, dtype, each=False):
         """Collective: a NodeSharedArray of `size` elements of `dtype` that every process of this communicator maps
         (with `each`, one such array per process), when they all run on one machine; None when they do not, or when
-        the shared-memory file system (MPICH's: /dev/shm) has not room for it (a note on stderr says so): a
-        process touching shared pages beyond its size would die of SIGBUS."""
+        the shared-memory file system (MPICH's: /dev/shm) has not room for it besides what this job's live shared
+        arrays may still fill (a note on stderr says so): a process touching shared pages beyond the file system's
+        size would die of SIGBUS."""
         MPI = self._MPI
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         itemsize = np.dtype(dtype).itemsize
         needed = size * itemsize * (self.size if each else 1)
         room = _shared_memory_room() if self.rank == 0 else None
         room = self.comm.bcast(room, root=0)  # one decision for all (once per training run: pickling is fine)
+        if room is not None:  # tmpfs counts pages once written: the live arrays' untouched pages are spoken for
+            room -= NodeSharedArray.live_bytes
         if node.Get_size() != self.size or (room is not None and room < needed):
             if node.Get_size() == self.size and self.rank == 0:
                 _say(f"dpnet: {_SHM_DIR} has {room / 2**20:.0f} MB free, {needed / 2**20:.0f} MB are needed to "
@@ -227,7 +230,7 @@ class MPICommunicator:
         window.Lock_all(MPI.MODE_NOCHECK)  # a passive-target epoch, for Win_sync (memory barriers); no lock is taken
         arrays = [np.frombuffer(window.Shared_query(rank)[0], dtype=dtype, count=size)
                   for rank in (range(self.size) if each else [0])]
-        return NodeSharedArray(arrays, self.rank if each else 0, window, node)
+        return NodeSharedArray(arrays, self.rank if each else 0, window, node, needed)
 
     def abort(self, code=1):
         """End every process of the job (MPI_COMM_WORLD) with exit code `code`; does not return."""
@@ -505,8 +508,12 @@ class NodeSharedArray:
     must not be used after it. Until then the memory lives as long as the job, whoever holds views.
     """
 
-    def __init__(self, arrays, index, window, node):
+    live_bytes = 0  # the size of the arrays of this process's job that are not freed yet
+
+    def __init__(self, arrays, index, window, node, nbytes):
         self._arrays, self.array, self._window, self._node = arrays, arrays[index], window, node
+        self._nbytes = nbytes
+        NodeSharedArray.live_bytes += nbytes
 
     def of(self, rank):
         """Process `rank`'s array (made with `each`; else the one array)."""
@@ -528,6 +535,7 @@ class NodeSharedArray:
         self._window.Free()
         self._node.Free()
         self._window = self._node = None
+        NodeSharedArray.live_bytes -= self._nbytes
 
 
 def check_in_sync(comm, flat_params, where=""):

@@ -347,6 +347,7 @@ class Solver:
         """Sum weight * (grads, loss) over all processes in one buffer, laid out at the first step and reused.
 
         Gradients the model wrote into the buffer are scaled in place; others are packed (scaled), the only copy.
+        On one machine the buffer is shared memory and the weights are applied in the sum (dpnet.shared_sum).
         Afterwards grads[name] are views of the buffer. Returns the summed loss.
         """
         fused = self._gradient_buffer(grads)

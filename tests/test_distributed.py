@@ -166,7 +166,7 @@ def test_collectives(n, run_mpi):
     result = run_mpi(n, "collectives.py")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == f"ok {n} ranks\n"
-    assert result.stderr.count("are needed to share parameters and gradients between processes") == 1, result.stderr
+    assert result.stderr.count("are needed to share parameters and gradients between processes") == 2, result.stderr
 
 
 @pytest.mark.timeout(60)

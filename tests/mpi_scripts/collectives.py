@@ -114,7 +114,11 @@ import dpnet.distributed  # noqa: E402
 room = dpnet.distributed._shared_memory_room
 dpnet.distributed._shared_memory_room = lambda: 4096 if r == 0 else 2**40  # rank 0 decides for all
 assert comm.shared_array(1024, np.float64) is None  # 8 KB do not fit in 4 KB: no shared memory, a note instead
-assert comm.shared_array(100, np.float64) is not None
+held = comm.shared_array(300, np.float64)  # 2400 bytes fit, and then count against the room:
+assert held is not None and comm.shared_array(300, np.float64) is None  # a second 2400 does not (a second note)
+held.free()
+assert comm.shared_array(300, np.float64) is not None  # freed, it fits again
+assert dpnet.distributed.NodeSharedArray.live_bytes == 2400
 dpnet.distributed._shared_memory_room = room
 
 local = np.array([r + 1.0, 1.0], dtype=np.float32)
