@@ -58,9 +58,9 @@ class ShardedState:
     With `shared_memory`, when every process runs on one machine (`comm.shared_array` gives memory: `shared` is then
     True), both vectors are shared memory: one parameter vector for all processes, and one gradient vector per process
     that the others read. The gradients are then summed where they lie (each process adds up its block of every
-    process's vector) instead of by MPI's reduce-scatter, which copies them through MPI's own buffers: 0.22-0.25 ms
-    against 0.55-0.62 ms for 7.4 MB over 2 processes here, and the weighting of each process's gradient costs no pass
-    of its own.
+    process's vector) instead of by MPI's reduce-scatter, which copies them through MPI's own buffers: 0.19-0.23 ms
+    against 0.67-0.87 ms for 7.4 MB over 2 processes here (benchmarks/bench_shared_sum.py), and the weighting of each
+    process's gradient costs no pass of its own.
     """
 
     def __init__(self, comm, model_params, shared_memory=True):

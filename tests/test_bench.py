@@ -85,3 +85,19 @@ def test_memory_section(tmp_path, cifar10_dir, mpiexec):
     assert jobs["1"]["pss_ratio"] == 1 and jobs["2"]["pss_ratio"] > 1
     assert 0 < jobs["2"]["per_extra_process_mb"] < jobs["2"]["total_peak_pss_mb"]
     assert 175 < results["memory"]["dataset_mb"] < 176  # 60000 images of 3072 bytes (MiB)
+
+
+def test_shared_sum_benchmark_runs(mpiexec, clean_env):
+    """benchmarks/bench_shared_sum.py, tiny: it measures the three ways and prints them (figures not checked)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_shared_sum.py"
+    result = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), "--megabytes", "0.1", "--repeats", "3",
+                             "--warmup", "1"], env=clean_env(OPENBLAS_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("2 processes, 0.1 MB of float32 each") and len(lines) == 4
+    assert [line.split()[0] for line in lines[1:]] == ["shared", "reduce-scatter", "scale"]
