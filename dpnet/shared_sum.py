@@ -63,7 +63,7 @@ class SharedSum:
         this process's vector (returned, a view). Call after writing the vector."""
         self.vector.buffer[-1] = weight
         self._shared.sync()
-        return self._add_blocks(weight)
+        return self._add_blocks(self.vector.buffer[-1])  # as stored (rounded to the dtype), like the others'
 
     def _add_blocks(self, weight):
         out = self.summed[self.lo:self.hi]

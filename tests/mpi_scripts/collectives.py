@@ -92,8 +92,11 @@ one.free()  # a second free does nothing
 # whole sum everywhere; equal weights take the add-then-scale path, unequal ones the scaled adds.
 from dpnet.shared_sum import SharedSum  # noqa: E402
 
-arrays = {"W": np.zeros((5, 3)), "b": np.zeros(1)}  # 15 + 1 + the caller's slot: 17, padded to P blocks
-for weights in ([1 / n] * n, [(q + 1) / (n * (n + 1) / 2) for q in range(n)]):
+cases = [(dtype, weights) for dtype in (np.float64, np.float32)  # float32: weights like 1/3 are rounded in the slots
+         for weights in ([1 / n] * n, [(q + 1) / (n * (n + 1) / 2) for q in range(n)])]
+for dtype, weights in cases:
+    arrays = {"W": np.zeros((5, 3), dtype), "b": np.zeros(1, dtype)}  # 15 + 1 + the caller's slot: 17, padded
+    rtol = 1e-14 if dtype == np.float64 else 1e-6
     total = SharedSum.create(comm, arrays, extra=1)
     assert total.counts == [-(-17 // n)] * n and total.summed.size == n * total.counts[0] > 17
     total.vector.views["W"][...] = np.arange(15.0).reshape(5, 3) * (r + 1)
@@ -102,12 +105,12 @@ for weights in ([1 / n] * n, [(q + 1) / (n * (n + 1) / 2) for q in range(n)]):
     total.sum_block(weights[r])
     total.gather()
     factor = sum(w * (q + 1) for q, w in enumerate(weights))
-    np.testing.assert_allclose(total.vector.views["W"], np.arange(15.0).reshape(5, 3) * factor, rtol=1e-14)
-    np.testing.assert_allclose(total.vector.views["b"], [sum(w * q for q, w in enumerate(weights))], atol=1e-14)
-    np.testing.assert_allclose(total.vector.extra[0], 10.0 * factor, rtol=1e-14)
+    np.testing.assert_allclose(total.vector.views["W"], np.arange(15.0).reshape(5, 3) * factor, rtol=rtol)
+    np.testing.assert_allclose(total.vector.views["b"], [sum(w * q for q, w in enumerate(weights))], rtol=rtol)
+    np.testing.assert_allclose(total.vector.extra[0], 10.0 * factor, rtol=rtol)
     assert (total.summed[17:] == 0).all()  # the padding stays zero
     total.free()
-assert SharedSum.create(SerialCommunicator(), arrays) is None
+assert SharedSum.create(SerialCommunicator(), {"W": np.zeros(3)}) is None
 
 import dpnet.distributed  # noqa: E402
 
