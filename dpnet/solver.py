@@ -2,13 +2,13 @@
 
 Each step, every process draws the same global minibatch indices from the shared seed, takes its own shard, computes
 the gradient of its shard's mean loss, scales it by n_r / N, and all processes sum the scaled gradients (and the loss)
-in one fused in-place allreduce, or on one machine in shared memory (dpnet.shared_sum); then every process applies
-the update rule to its replica (with shard_optimizer, a reduce-scatter, each process updating its block of the
-parameters, and an allgather, or on one machine the summed blocks and one shared parameter vector: dpnet.sharding).
-A single process is the communicator of size 1: the same code, with the reduction skipped. The gradients are views
-of one buffer, which the next step overwrites: an update rule must not keep a reference to its `dw` (copy it if it needs it
-later; the built-in rules keep only arrays they compute). At the end of each epoch the
-replicas are checked to be bitwise identical (dpnet.distributed.check_in_sync).
+in one fused in-place allreduce, or on one machine in shared memory (dpnet.shared_sum); then every process applies the
+update rule to its replica (with shard_optimizer, a reduce-scatter, each process updating its block of the parameters,
+and an allgather, or on one machine the summed blocks and one shared parameter vector: dpnet.sharding). A single
+process is the communicator of size 1: the same code, with the reduction skipped. The gradients are views of one
+buffer, which the next step overwrites: an update rule must not keep a reference to its `dw` (copy it if it needs it
+later; the built-in rules keep only arrays they compute). At the end of each epoch the replicas are checked to be
+bitwise identical (dpnet.distributed.check_in_sync).
 
 Monitors (see dpnet.monitor) receive `on_train_begin(solver)`, `on_iteration_end(solver, info)`,
 `on_epoch_end(solver, info)` and `on_train_end(solver, info)` on rank 0 only. The iteration info holds `iteration`
