@@ -100,7 +100,8 @@ def run(case, comm):
     solver.use_params("final")
     check_in_sync(comm, [model.params[name] for name in sorted(model.params)], "after use_params('final')")
     loaded = all(np.array_equal(model.params[name], value) for name, value in getattr(last, "params", {}).items())
-    out["final_is_last"] = np.array(kept and loaded and (comm.size == 1 or (comm.rank == 0) == bool(solver.final_params)))
+    alone = comm.size == 1 or (comm.rank == 0) == bool(solver.final_params)  # rank 0 alone keeps them
+    out["final_is_last"] = np.array(kept and loaded and alone)
     solver.use_params("best")
     out["shared_memory"] = np.array(getattr(last, "shared", False))
     holding = np.array([len(solver.best_params) > 0], dtype=np.int64)

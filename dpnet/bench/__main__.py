@@ -1,0 +1,5 @@
+"""`python -m dpnet.bench`: see dpnet.bench."""
+
+from . import main
+
+main()

@@ -1,0 +1,108 @@
+"""Section 4 of dpnet.bench: peak memory (RSS, PSS) of 1 and of 4 processes training on CIFAR-10."""
+
+import importlib.util
+import resource
+import tempfile
+
+from .common import MPI_HINT, _progress, mpiexec, run_worker
+
+
+def memory_now():
+    """(RSS, PSS, USS) of this process now, in MB, from /proc/self/smaps_rollup (Nones where there is none). USS is
+    the memory private to the process (Private_Clean + Private_Dirty): what one more process costs."""
+    keys = ("Rss:", "Pss:", "Private_Clean:", "Private_Dirty:")
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            fields = {parts[0]: int(parts[1]) / 1024 for parts in map(str.split, f) if parts and parts[0] in keys}
+    except OSError:
+        return None, None, None
+    return fields["Rss:"], fields["Pss:"], fields["Private_Clean:"] + fields["Private_Dirty:"]
+
+
+def worker_memory(spec):
+    """Inside each process of a job: train the command line's default model on CIFAR-10 for a few steps, sampling
+    PSS after every step; then, with every process still alive, the final PSS and the peak RSS."""
+    from ..config import DEFAULTS
+    from ..data_utils import locate_CIFAR10
+    from ..distributed import get_communicator, set_blas_threads
+    from ..solver import Solver
+    from ..train import build_model, load_data
+
+    comm = get_communicator()
+    set_blas_threads(comm=comm)
+    config = dict(DEFAULTS, hidden_dims=spec["hidden_dims"])
+    data = load_data(locate_CIFAR10(spec["data_dir"], download=False), config)
+    peak_pss = [0.0]
+
+    class SampledSolver(Solver):
+        iterations_per_epoch = spec["steps"]  # one short epoch: its end (evaluation, checks, gathers) is measured too
+
+        def _step(self):
+            result = super()._step()
+            peak_pss[0] = max(peak_pss[0], memory_now()[1] or 0.0)
+            return result
+
+        def _end_epoch(self):
+            super()._end_epoch()
+            peak_pss[0] = max(peak_pss[0], memory_now()[1] or 0.0)
+
+    solver = SampledSolver(build_model(config), data, update_rule=config["update_rule"],
+                           optim_config={"learning_rate": config["lr"]}, batch_size=config["batch_size"],
+                           num_epochs=1, num_train_samples=1000, num_val_samples=None, verbose=False, seed=0,
+                           comm=comm, weight_decay=config["weight_decay"], shard_optimizer=spec["shard_optimizer"],
+                           shared_memory=spec.get("shared_memory", True))
+    solver.train()
+    comm.barrier()
+    rss, pss, uss = memory_now()
+    result = dict(rank=comm.rank, steps=solver.iteration, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                  / 1024, rss_mb=rss, pss_mb=pss, uss_mb=uss, peak_pss_mb=max(peak_pss[0], pss or 0.0))
+    comm.barrier()  # nobody exits (unmapping shared pages) before everyone has read its PSS
+    return comm.comm.gather(result, root=0) if comm.size > 1 else [result]
+
+
+def section_memory(args):
+    from ..data_utils import CIFAR10NotFoundError, load_CIFAR10_raw, locate_CIFAR10
+
+    try:
+        images = load_CIFAR10_raw(locate_CIFAR10(args.data_dir, download=False))  # builds the shared cache if missing
+    except (CIFAR10NotFoundError, OSError, ValueError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return dict(available=False, note=f"needs CIFAR-10: give --data-dir ({first_line})")
+    if mpiexec() is None or importlib.util.find_spec("mpi4py") is None:
+        return dict(available=False, note=MPI_HINT)
+    from ..config import DEFAULTS
+
+    hidden = args.memory_hidden_dims if args.memory_hidden_dims is not None else DEFAULTS["hidden_dims"]
+    spec = dict(data_dir=args.data_dir and str(args.data_dir), hidden_dims=hidden, steps=args.memory_steps)
+    runs = [(str(p), p, DEFAULTS["shard_optimizer"], True) for p in args.memory_processes]
+    p = max(args.memory_processes)
+    if DEFAULTS["shard_optimizer"] and p > 1:  # the largest job again with MPI alone, and with the whole state
+        runs += [(f"{p}-unshared", p, True, False), (f"{p}-replicated", p, False, True)]
+    jobs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for key, p, shard, share in runs:
+            _progress(f"memory section: {p} process{'es' if p > 1 else ''}"
+                      f"{', optimizer state replicated' if p > 1 and not shard else ''}"
+                      f"{', MPI only' if p > 1 and shard and not share else ''}")
+            ranks = run_worker("memory", dict(spec, shard_optimizer=shard, shared_memory=share), folder, processes=p,
+                               mpi=True)
+            jobs[key] = dict(processes=p, shard_optimizer=shard and p > 1, shared_memory=share and shard and p > 1,
+                             ranks=ranks,
+                             total_peak_rss_mb=sum(r["peak_rss_mb"] for r in ranks),
+                             total_peak_pss_mb=sum(r["peak_pss_mb"] for r in ranks),
+                             total_pss_mb=sum(r["pss_mb"] or 0.0 for r in ranks))
+    one = jobs.get("1")
+    for job in jobs.values():
+        if one is not None:
+            job["pss_ratio"] = job["total_peak_pss_mb"] / one["total_peak_pss_mb"]
+            job["rss_ratio"] = job["total_peak_rss_mb"] / one["total_peak_rss_mb"]
+            if job["processes"] > 1:  # what each process beyond the first adds: its own private memory
+                job["per_extra_process_mb"] = ((job["total_peak_pss_mb"] - one["total_peak_pss_mb"])
+                                               / (job["processes"] - 1))
+    model = dict((k, DEFAULTS[k]) for k in ("normalization", "dropout", "update_rule", "batch_size", "dtype",
+                                             "weight_decay"))
+    dataset_mb = (images[0].nbytes + images[2].nbytes) / 2**20
+    return dict(available=True, hidden_dims=hidden, steps=args.memory_steps, model=model, jobs=jobs,
+                dataset_mb=dataset_mb)
+
+

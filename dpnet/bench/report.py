@@ -1,0 +1,115 @@
+"""The table dpnet.bench prints, and the environment it records."""
+
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+
+from .common import _REPO
+
+
+def environment():
+    from threadpoolctl import threadpool_info
+
+    env = dict(python=platform.python_version(), numpy=np.__version__, machine=platform.machine(),
+               cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+               blas=[{k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                     for info in threadpool_info() if info["user_api"] == "blas"],
+               OPENBLAS_CORETYPE=os.environ.get("OPENBLAS_CORETYPE"))
+    try:
+        commit = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            env.update(git_commit=commit.stdout.strip(), git_dirty=bool(dirty.stdout.strip()))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for module in ("mpi4py", "torch"):
+        if importlib.util.find_spec(module) is not None:
+            env[module] = "installed"  # versions are read in the workers (importing torch here costs seconds)
+    return env
+
+
+def table_rows(results, args):
+    """(section, case, measured, compared with, ratio, target) for every result."""
+    rows = []
+    for r in results.get("step", []):
+        target = "<= 1.10" if r["rule"] == "sgd" else ""
+        rows.append(("step vs BLAS floor", f"{r['dtype']} {r['rule']}",
+                     f"{r['step_ms']:.2f} ms ({r['samples_per_sec']:,.0f}/s)", f"floor {r['floor_ms']:.2f} ms",
+                     f"{r['ratio']:.3f}", target))
+        if "handwritten_ms" in r:
+            rows.append(("step vs BLAS floor", f"{r['dtype']} {r['rule']}, hand-written NumPy",
+                         f"{r['handwritten_ms']:.2f} ms", f"floor {r['floor_ms']:.2f} ms",
+                         f"{r['handwritten_ratio']:.3f}", "(reference)"))
+    torch = results.get("torch")
+    if torch is not None:
+        for r in torch["rows"]:
+            case = f"{r['dtype']} {r['rule']}"
+            if "note" in r:
+                rows.append(("dpnet vs PyTorch", case, "-", r["note"], "", "> 1 (aim 1.3)"))
+                continue
+            rows.append(("dpnet vs PyTorch", case, f"{r['dpnet_ms']:.2f} ms ({r['dpnet_samples_per_sec']:,.0f}/s)",
+                         f"torch {r['torch_ms']:.2f} ms ({r['torch_samples_per_sec']:,.0f}/s)",
+                         f"{r['speedup']:.2f}x", "> 1 (aim 1.3)"))
+    dist = results.get("distributed")
+    if dist is not None and not dist["available"]:
+        rows.append(("1 vs P processes", "-", "-", dist["note"], "", ""))
+    elif dist is not None:
+        P, T = dist["processes"], dist["threads"]
+        label = f"{dist['rule']}, {P} x {max(1, T // P)} thread{'s' if T // P > 1 else ''} vs 1 x {T}"
+        what = {"replicated": ("state replicated, gradients summed in shared memory", "sums and barriers share"),
+                "replicated_mpi": ("state replicated, MPI only", "Allreduce share"),
+                "sharded": ("state sharded, parameters and gradients in shared memory", "sums and barriers share"),
+                "sharded_mpi": ("state sharded, MPI only", "reduce-scatter + allgather share")}
+        for name, case in dist["cases"].items():
+            how, communication = what[name]
+            if not case["shared_memory"] and name in ("replicated", "sharded"):
+                how += " (none available: MPI)"
+            rows.append(("1 vs P processes", f"step, {label}, {how}", f"{case['step_ms']:.2f} ms",
+                         f"{dist['serial_step_ms']:.2f} ms", f"{case['speedup']:.2f}x", ""))
+            extra = (f"Solver._allreduce {100 * case['solver_allreduce_share']:.1f}%"
+                     if "solver_allreduce_share" in case else "")
+            rows.append(("1 vs P processes", f"  {communication}, {P} processes",
+                         f"{case['comm_ms']:.2f} ms of the step", extra, f"{100 * case['comm_share']:.1f}%", "<= 10%"))
+        rows.append(("1 vs P processes", f"fused vs pickled ({dist['gradient_megabytes']:.1f} MB)",
+                     f"{dist['fused_ms']:.2f} ms (call alone {dist['reduce_only_ms']:.2f})",
+                     f"pickled {dist['pickled_ms']:.2f} ms", f"{dist['fused_speedup']:.1f}x", ""))
+    mem = results.get("memory")
+    if mem is not None and not mem["available"]:
+        rows.append(("memory (CIFAR-10)", "-", "-", mem["note"], "", ""))
+    elif mem is not None:
+        for job in mem["jobs"].values():
+            p = job["processes"]
+            private = np.mean([r["uss_mb"] or 0.0 for r in job["ranks"]])
+            how = ("" if p == 1 else ", state replicated" if not job.get("shard_optimizer")
+                   else ", state sharded, shared memory" if job.get("shared_memory") else ", state sharded, MPI only")
+            rows.append(("memory (CIFAR-10)", f"{p} process{'es' if p > 1 else ''}{how}, peak PSS (sum)",
+                         f"{job['total_peak_pss_mb']:.0f} MB ({private:.0f} MB private each)",
+                         f"peak RSS (sum) {job['total_peak_rss_mb']:.0f} MB",
+                         f"{job['pss_ratio']:.2f}" if "pss_ratio" in job else "",
+                         "<= 1.5" if p > 1 and "pss_ratio" in job else ""))
+            if "per_extra_process_mb" in job:
+                rows.append(("memory (CIFAR-10)", f"each process beyond the first ({p} processes{how})",
+                             f"{job['per_extra_process_mb']:.0f} MB",
+                             f"uint8 images, held once: {mem['dataset_mb']:.0f} MB", "", ""))
+    return rows
+
+
+def print_table(rows, file=None):
+    file = sys.stdout if file is None else file
+    header = ("section", "case", "measured", "compared with", "ratio", "target")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    line = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
+    print(line(header), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    section = None
+    for row in rows:
+        print(line(row if row[0] != section else ("", *row[1:])), file=file)
+        section = row[0]
+
+
