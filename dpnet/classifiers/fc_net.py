@@ -135,19 +135,19 @@ class FullyConnectedNet:
         if self.reg:
             loss += 0.5 * self.reg * sum(np.sum(w * w) for w in weights)
 
-        out_arrays = grads or {}
+        # Given arrays (all of them, checked above) receive the gradients; otherwise grads fills up with new ones, and
+        # grads.get(name) is None for every name not computed yet.
         grads = {} if grads is None else grads
         dout, grads[f"W{L}"], grads[f"b{L}"] = affine_backward(dscores, last_cache, need_dx=L > 1,
-                                                               dw_out=out_arrays.get(f"W{L}"),
-                                                               db_out=out_arrays.get(f"b{L}"))
+                                                               dw_out=grads.get(f"W{L}"), db_out=grads.get(f"b{L}"))
         for i in range(L - 1, 0, -1):
             # The gradient of the input X is never used: the first layer skips it (a third of its backward pass).
             dout, grads[f"W{i}"], grads[f"b{i}"], dgamma, dbeta = affine_norm_act_backward(
-                dout, caches[i - 1], need_dx=i > 1, dw_out=out_arrays.get(f"W{i}"), db_out=out_arrays.get(f"b{i}"))
+                dout, caches[i - 1], need_dx=i > 1, dw_out=grads.get(f"W{i}"), db_out=grads.get(f"b{i}"))
             if dgamma is not None:
                 for name, value in ((f"gamma{i}", dgamma), (f"beta{i}", dbeta)):
-                    if name in out_arrays:
-                        out_arrays[name][...] = value
+                    if name in grads:
+                        grads[name][...] = value
                     else:
                         grads[name] = value
         if self.reg:
