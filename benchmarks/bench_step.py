@@ -2,7 +2,7 @@
 
 The step is `model.loss(X, y)` plus the Solver's update of every parameter (in place for the built-in rules); the
 floor is the time of exactly the matrix products that the step performs, at the same shapes and dtype. The two are
-timed alternately in one process and the medians are compared (see dpnet/bench.py).
+timed alternately in one process and the medians are compared (see dpnet/bench/step.py).
 
     python benchmarks/bench_step.py [--hidden-dims 512 512] [--batch-size 256] [--rules sgd] [--threads 2]
                                     [--repeats 60] [--json PATH]
