@@ -26,6 +26,7 @@ process's segment of it (possibly empty), so scalar state such as Adam's step co
 import numpy as np
 
 from .distributed import FusedBuffer
+from .factored_grads import FactoredGradients
 from .shared_sum import SharedSum
 
 
@@ -61,11 +62,21 @@ class ShardedState:
     process's vector) instead of by MPI's reduce-scatter, which copies them through MPI's own buffers: 0.19-0.23 ms
     against 0.67-0.87 ms for 7.4 MB over 2 processes here (benchmarks/bench_shared_sum.py), and the weighting of each
     process's gradient costs no pass of its own.
+
+    With `factored` as well (names of 2-D parameters whose gradients the model delivers as factors x.T @ dout, see
+    dpnet.factored_grads) and `capacity` (the largest global batch), no process computes a whole gradient: each
+    computes its block of those from every process's rows of x and dout (`factored` is then True). Call start() before
+    the model's loss, and pass it `grads` and `weight_factors`.
     """
 
-    def __init__(self, comm, model_params, shared_memory=True):
+    def __init__(self, comm, model_params, shared_memory=True, factored=(), capacity=None):
         self.comm = comm
         self.shared_memory = shared_memory
+        bad = [name for name in factored if name not in model_params or np.ndim(model_params[name]) != 2]
+        if bad:
+            raise ShardError(f"factored parameters must be 2-D parameters of the model: {', '.join(map(str, bad))}")
+        self._factored_names = tuple(factored) if capacity else ()
+        self._capacity = capacity
         self.names = sorted(model_params)
         self.shapes = {name: model_params[name].shape for name in self.names}
         dtypes = {np.dtype(model_params[name].dtype) for name in self.names}
@@ -85,19 +96,26 @@ class ShardedState:
         for name, size in zip(self.names, sizes):
             start = min(max(self.lo - self.offsets[name], 0), size)
             self.segments[name] = (start, max(start, min(self.hi - self.offsets[name], size)))
-        self._params = self._grad = self._shared = self._shared_sum = None
+        self._params = self._grad = self._shared = self._shared_sum = self._factored = self._whole_grad = None
         self.grads = self.grad_block = None
 
     def _allocate(self, model_params):
         """Collective: lay out the parameter and gradient vectors (in shared memory when the processes can share)."""
         get_shared = getattr(self.comm, "shared_array", None) if self.shared_memory else None
-        if get_shared is not None:  # the gradients (dpnet.shared_sum; the same blocks), then the parameters
-            self._shared_sum = SharedSum.create(self.comm, model_params)
-            self._shared = self._shared_sum and get_shared(self.size + self._padding, self.dtype)
-            if self._shared is None and self._shared_sum is not None:  # no room left for the parameters
-                self._shared_sum.free()
-                self._shared_sum = None
-        if self._shared is not None:
+        if get_shared is not None:  # the gradients (factored, or dpnet.shared_sum), then the parameters
+            if self._factored_names:
+                self._factored = FactoredGradients.create(self.comm, self, self._factored_names, self._capacity)
+            else:
+                self._shared_sum = SharedSum.create(self.comm, model_params)
+            gradients = self._factored or self._shared_sum
+            self._shared = gradients and get_shared(self.size + self._padding, self.dtype)
+            if self._shared is None and gradients is not None:  # no room left for the parameters
+                gradients.free()
+                self._factored = self._shared_sum = None
+        if self._factored is not None:
+            self.grad_block = np.zeros(self.hi - self.lo, dtype=self.dtype)  # its padding stays zero
+            self.grads = self._factored.rest_grads
+        elif self._shared is not None:
             self._grad = self._shared_sum.vector
             self.grad_block = self._shared_sum.summed[self.lo:self.hi]  # the sum is written over the own block
         else:
@@ -107,7 +125,8 @@ class ShardedState:
         self._params = FusedBuffer(model_params, extra=self._padding, buffer=self._shared and self._shared.array)
         if self._writes_shared_params():
             self._params.extra[...] = 0
-        self.grads = self._grad.views
+        if self._factored is None:
+            self.grads = self._grad.views
 
     @property
     def params(self):
@@ -118,6 +137,27 @@ class ShardedState:
     def shared(self):
         """Whether the vectors are memory shared by the processes (bound, one machine, shared_memory)."""
         return self._shared is not None
+
+    @property
+    def factored(self):
+        """Whether the factored weights' gradient blocks are computed from everyone's rows (dpnet.factored_grads)."""
+        return self._factored is not None
+
+    @property
+    def weight_factors(self):
+        """The model loss's weight_factors callback when factored, else None."""
+        return None if self._factored is None else self._factored.receive
+
+    @property
+    def capacity(self):
+        """The largest global batch the factored rows are laid out for (None when nothing is factored)."""
+        return self._capacity if self._factored_names else None
+
+    def start(self, rows, weight, batch):
+        """Before the model's loss in a step: this process computes rows `rows` (a slice) of a global batch of `batch`
+        samples (at most `capacity`), with weight n_r / N."""
+        if self._factored is not None:
+            self._factored.start(rows, weight, batch)
 
     def matches(self, model_params):
         """Whether model_params has the names, shapes and dtype this layout was made for."""
@@ -151,14 +191,19 @@ class ShardedState:
                 if model_params[name] is view:
                     model_params[name] = view.copy()
             self._shared.free()
-            self._shared_sum.free()
-            self._shared = self._shared_sum = None
-        self._params = self._grad = self.grads = self.grad_block = None
+            (self._factored or self._shared_sum).free()
+            self._shared = self._shared_sum = self._factored = None
+        self._params = self._grad = self.grads = self.grad_block = self._whole_grad = None
 
     def reduce(self, loss, weight, local_grads):
         """Sum weight * local gradients over the processes into this process's block; return (summed loss, norm of
         the summed gradient). local_grads are copied into the gradient vector unless they are its views already."""
-        if self._shared_sum is None:
+        if self._factored is not None:
+            for name, array in local_grads.items():  # views of the shared slots already, from the model
+                if array is not self.grads.get(name, array):
+                    self.grads[name][...] = array
+            self._factored.sum_block(self.grad_block, self.params)
+        elif self._shared_sum is None:
             self.comm.reduce_scatter(self._grad.pack(local_grads, weight), self.grad_block, self.counts)
         else:
             self._grad.pack(local_grads)  # the weight is applied in the sum
@@ -170,6 +215,13 @@ class ShardedState:
     def gather_grads(self):
         """Collective: on rank 0, the whole summed gradient, as views by name (of rank 0's gradient vector, which the
         next step overwrites); None elsewhere."""
+        if self._factored is not None:  # the blocks are private: gathered into a whole vector on rank 0
+            if self.comm.rank == 0 and self._whole_grad is None:
+                self._whole_grad = FusedBuffer({n: np.empty(self.shapes[n], self.dtype) for n in self.names},
+                                               extra=self._padding)
+            whole = self._whole_grad
+            self.comm.gather(self.grad_block, whole.buffer if whole is not None else None, self.counts)
+            return dict(whole.views) if whole is not None else None
         if self._shared_sum is None:
             flat = self._grad.buffer[:self.size + self._padding]
             self.comm.gather(self.grad_block, flat if self.comm.rank == 0 else None, self.counts)

@@ -255,11 +255,15 @@ class Solver:
         X, y, batch = self._minibatch()
         fault_injection_point(self.comm, self.iteration)
         if self.shard_optimizer and self.comm.size > 1:
-            if self._shards is None or not self._shards.matches(self.model.params):
+            factored = self._factored_params()
+            if (self._shards is None or not self._shards.matches(self.model.params)
+                    or self._shards.capacity != (self.batch_size if factored else None)):
                 if self._shards is not None:
                     self._shards.release(self.model.params)
-                self._shards = ShardedState(self.comm, self.model.params, shared_memory=self.shared_memory)
+                self._shards = ShardedState(self.comm, self.model.params, shared_memory=self.shared_memory,
+                                            factored=factored, capacity=self.batch_size if factored else None)
             self._shards.bind(self.model.params)
+            self._shards.start(self._my_rows(batch), len(y) / batch, batch)
         if self.lr_schedule is not None:
             rate = self.optim_config["learning_rate"] * self.lr_schedule(self.iteration)
             for config in self.optim_configs.values():
@@ -288,9 +292,20 @@ class Solver:
         params, loss = self.model.params, self.model.loss
         if not _accepts_grads(getattr(loss, "__func__", loss)) or len({w.dtype for w in params.values()}) != 1:
             return loss(X, y)
+        if self._shards is not None and self._shards.factored:
+            return loss(X, y, grads=dict(self._shards.grads), weight_factors=self._shards.weight_factors)
         if self._shards is not None:
             return loss(X, y, grads=dict(self._shards.grads))
         return loss(X, y, grads=dict(self._gradient_buffer(params).views))
+
+    def _factored_params(self):
+        """The weights whose gradients the model can deliver as factors (model.factored_params, for a loss taking
+        `grads` and `weight_factors`), which sharded state on one machine then computes block by block
+        (dpnet.factored_grads); () for any other model."""
+        loss = getattr(self.model.loss, "__func__", self.model.loss)
+        if not (_accepts_grads(loss) and _accepts_keyword(loss, "weight_factors")):
+            return ()
+        return tuple(getattr(self.model, "factored_params", ()))
 
     def _gradient_buffer(self, arrays):
         """The FusedBuffer the gradients (and the loss, its extra slot) are summed in, laid out anew (collectively
@@ -582,10 +597,15 @@ class Solver:
                 handler(*args)
 
 
-@functools.lru_cache(maxsize=64)
 def _accepts_grads(loss_function):
     """Whether a model's loss function takes the `grads` keyword (output arrays for the gradients)."""
+    return _accepts_keyword(loss_function, "grads")
+
+
+@functools.lru_cache(maxsize=128)
+def _accepts_keyword(function, keyword):
+    """Whether `function` takes the keyword argument `keyword`."""
     try:
-        return "grads" in inspect.signature(loss_function).parameters
+        return keyword in inspect.signature(function).parameters
     except (TypeError, ValueError):  # no inspectable signature
         return False

@@ -104,6 +104,9 @@ def test_n_processes_compute_what_one_process_computes(mpi_results, case):
     # on one machine the processes sum their gradients in shared memory (sharded: and map one parameter vector),
     # unless told not to (then: MPI's collectives)
     assert bool(ours["shared_memory"]) == ("unshared" not in case) and not reference["shared_memory"]
+    # and, sharded, each computes its block of the weight gradients from everyone's activations
+    factored = sharded and "unshared" not in case and "summed" not in case
+    assert bool(ours["factored"]) == factored and not reference["factored"]
     assert ours["final_is_last"] and reference["final_is_last"]
     state_size, whole = int(ours["local_state_size"]), int(reference["local_state_size"])
     assert (state_size <= whole / n + 2) if sharded else state_size == whole, (state_size, whole)

@@ -29,6 +29,9 @@ CASES["lazy-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd
 CASES["sharded-plain-sgd_momentum"] = dict(normalization=None, rule="sgd_momentum", shard=True)
 CASES["sharded-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", shard=True)
 CASES["sharded-layernorm-adam-decay"] = dict(normalization="layernorm", rule="adam", shard=True, weight_decay=0.5)
+# Sharded on one machine, the weights' gradient blocks come from everyone's activations (dpnet.factored_grads), unless
+# the model cannot deliver them as factors: then each process computes whole gradients, summed in shared memory.
+CASES["sharded-summed-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", shard=True, factors=False)
 # The processes run on one machine: the gradients are summed in shared memory (and the sharded cases share one
 # parameter vector), but for these two, which take MPI's collectives (Allreduce; reduce-scatter and allgather).
 CASES["unshared-layernorm-adam"] = dict(normalization="layernorm", rule="adam", shared_memory=False)
@@ -66,16 +69,25 @@ class _LastParams:
 
     def on_epoch_end(self, solver, info):
         self.shared = (solver._shards.shared if solver._shards is not None else solver._shared_sum is not None)
+        self.factored = solver._shards is not None and solver._shards.factored
         self.params = {name: value.copy() for name, value in solver.model.params.items()}
         self.state = {f"{name}/{key}": value.copy() for name, config in solver.optimizer_state().items()
                       for key, value in config.items() if isinstance(value, np.ndarray)}
+
+
+class _WholeGradientsNet(FullyConnectedNet):
+    """A model whose loss takes `grads` but not `weight_factors`."""
+
+    def loss(self, X, y=None, grads=None):
+        return super().loss(X, y, grads=grads)
 
 
 def run(case, comm):
     """Train one case on `comm`; returns a dict of arrays (meaningful on every rank; written by rank 0)."""
     options = CASES[case]
     data = make_data(options.get("lazy", False))
-    model = FullyConnectedNet([20, 15], input_dim=int(np.prod(SHAPE)), num_classes=CLASSES,
+    model_class = FullyConnectedNet if options.get("factors", True) else _WholeGradientsNet
+    model = model_class([20, 15], input_dim=int(np.prod(SHAPE)), num_classes=CLASSES,
                               normalization=options["normalization"], reg=1e-3, weight_scale=0.05,
                               dtype=np.float64, seed=0)
     last = _LastParams()
@@ -104,6 +116,7 @@ def run(case, comm):
     out["final_is_last"] = np.array(kept and loaded and alone)
     solver.use_params("best")
     out["shared_memory"] = np.array(getattr(last, "shared", False))
+    out["factored"] = np.array(getattr(last, "factored", False))
     holding = np.array([len(solver.best_params) > 0], dtype=np.int64)
     out["ranks_holding_best"] = comm.allreduce(holding)
     out["local_state_size"] = np.array(sum(value.size for config in solver.optim_configs.values()
