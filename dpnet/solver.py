@@ -116,6 +116,7 @@ class Solver:
         self._shared_sum = None  # replicated, on one machine: the gradient buffers in shared memory (SharedSum)
         self._shards = None  # with shard_optimizer and several processes: the ShardedState, made at the first step
         self._gathered_configs = None  # the whole optimizer state, gathered on rank 0 at an epoch end (sharded)
+        self._watched = True  # whether any process has monitors or checkpoint_name (set by train())
         self._grad_norm = None  # the last sharded step's gradient norm
         self._in_place = getattr(self._rule, "in_place", None)  # the rule's in-place variant, if it has one
         # name -> the parameter array this Solver made, which it may update in place (weak: an array the model no
@@ -425,6 +426,10 @@ class Solver:
     def _train(self):
         num_iterations = self.num_epochs * self.iterations_per_epoch
         self._stop_requested = False
+        # Sharded, the whole gradient and optimizer state are gathered on rank 0 at epoch ends only for someone to read
+        # them: a monitor or checkpoint_name on any process (monitors usually live on rank 0 alone).
+        watched = np.array([bool(self.monitors) or self.checkpoint_name is not None], dtype=np.int64)
+        self._watched = bool(self.comm.allreduce(watched, op="max")[0]) if self.comm.size > 1 else True
         self._notify("on_train_begin", self)
         while self.iteration < num_iterations and not self._stop_requested:
             start = time.perf_counter()
@@ -434,7 +439,7 @@ class Solver:
             self.iteration += 1
             t = self.iteration
             epoch_end = t % self.iterations_per_epoch == 0
-            if grads is None and epoch_end:  # sharded: the epoch's last gradient, whole, for the monitors
+            if grads is None and epoch_end and self._watched:  # sharded: the epoch's last gradient, for monitors
                 grads = self._shards.gather_grads()
             if self.monitors:
                 self._notify("on_iteration_end", self, dict(
@@ -558,7 +563,7 @@ class Solver:
             state = {**self.model.params, **self._norm_state()}
             check_in_sync(self.comm, [state[k] for k in sorted(state)],
                           where=f"after epoch {self.epoch} (iteration {self.iteration})")
-        if self._shards is not None:  # for the checkpoints rank 0 may write now
+        if self._shards is not None and self._watched:  # for the checkpoints rank 0 may write now
             self._gathered_configs = self._shards.gather_configs(self.optim_configs)
         try:
             self._notify("on_epoch_end", self, dict(

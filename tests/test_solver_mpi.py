@@ -252,3 +252,14 @@ def test_a_stop_requested_on_rank_0_stops_every_rank(run_mpi):
     # With unbuffered output (PYTHONUNBUFFERED) print's text and newline are two writes: ranks' lines interleave.
     found = sorted(re.findall(r"rank \d+ stopped at iteration \d+", result.stdout))
     assert found == [f"rank {r} stopped at iteration 4" for r in range(3)], result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_sharded_state_is_gathered_only_for_someone_to_read_it(run_mpi):
+    """The whole gradient and optimizer state (a parameter-sized buffer each, on rank 0) are gathered at the 2 epoch
+    ends only when a monitor or checkpoint_name exists on some rank (here: rank 0 alone); every rank joins."""
+    result = run_mpi(2, "solver_gathers.py", timeout=45)
+    assert result.returncode == 0, result.stderr
+    found = sorted(re.findall(r"rank \d \w+: \d grads \d configs", result.stdout))
+    assert found == sorted(f"rank {r} {run}: {n} grads {n} configs" for r in range(2)
+                           for run, n in (("nobody", 0), ("monitor", 2), ("checkpoints", 2))), result.stdout
