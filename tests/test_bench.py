@@ -59,11 +59,12 @@ def test_distributed_section(tmp_path, mpiexec):
     for key in ("fused_ms", "pickled_ms", "fused_speedup"):
         assert section[key] > 0, key
     cases = section["cases"]
-    assert sorted(cases) == ["replicated", "replicated_mpi", "sharded", "sharded_mpi"]
+    assert sorted(cases) == ["replicated", "replicated_mpi", "sharded", "sharded_mpi", "sharded_summed"]
     for name, case in cases.items():
         assert all(case[k] > 0 for k in ("step_ms", "speedup", "comm_share", "comm_ms")), name
         # on this one machine shared memory is used unless the case asks for MPI only
         assert case["shared_memory"] == (not name.endswith("_mpi")), name
+        assert case["factored"] == (name == "sharded"), name
     assert cases["replicated_mpi"]["solver_allreduce_share"] > 0 and "solver_allreduce_share" not in cases["sharded"]
 
 
@@ -83,7 +84,8 @@ def test_memory_section(tmp_path, cifar10_dir, mpiexec):
     assert jobs["2-unshared"]["shard_optimizer"]
     for rank in jobs["2"]["ranks"]:
         assert rank["steps"] == 2 and rank["peak_rss_mb"] > rank["pss_mb"] > 0  # the shared data counts once
-    assert jobs["1"]["pss_ratio"] == 1 and jobs["2"]["pss_ratio"] > 1
+    assert jobs["1"]["pss_ratio"] == 1 and jobs["2"]["pss_ratio"] > 1 and jobs["2"]["training_pss_ratio"] > 1
+    assert 0 < jobs["2"]["total_training_peak_pss_mb"] <= jobs["2"]["total_peak_pss_mb"]
     assert 0 < jobs["2"]["per_extra_process_mb"] < jobs["2"]["total_peak_pss_mb"]
     assert 175 < results["memory"]["dataset_mb"] < 176  # 60000 images of 3072 bytes (MiB)
 

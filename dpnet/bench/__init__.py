@@ -17,20 +17,22 @@ what is compared is interleaved, so that whatever else the machine does slows bo
   how to get it. Target: dpnet ahead (aim for 1.3x).
 - distributed: the Solver (float32, --distributed-rule, default sgd) as 1 process x T BLAS threads against P MPI
   processes x T/P threads, with the optimizer state replicated and sharded, each through shared memory (the default
-  on one machine: dpnet.shared_sum, dpnet.sharding) and through MPI's collectives alone, alternating in forward and
-  reversed order round by round; inside each process the communication (MPI's parameter-sized collectives: the fused
-  gradient's Allreduce, sharded the reduce-scatter and the allgather; in shared memory the sums, copies and
-  barriers) is timed where it happens (a rank waiting for a slower one counts as communication), its share of the
+  on one machine: dpnet.shared_sum, dpnet.sharding; sharded, the weight gradients' blocks from everyone's
+  activations, dpnet.factored_grads, and once more with whole gradients summed) and through MPI's collectives alone,
+  alternating in forward and reversed order round by round; inside each process the communication (MPI's
+  parameter-sized collectives: the fused gradient's Allreduce, sharded the reduce-scatter and the allgather; in
+  shared memory the sums, copies and barriers) is timed where it happens (a rank waiting for a slower one counts as communication), its share of the
   step is that of the worst rank. Also the fused in-place Allreduce (packing included) against one pickled allreduce
   per gradient array, interleaved. Target: communication <= 10% of the step at 2 processes.
 - memory: peak RSS and peak PSS (proportional set size, /proc/<pid>/smaps_rollup: shared pages, such as the
   memory-mapped CIFAR-10 cache in the page cache, divided among the processes mapping them; RSS counts them in every
   process) of 1 and of 4 processes (mpiexec) training the command line's default model and recipe
   (dpnet.config.DEFAULTS: optimizer state sharded, parameters and gradients in shared memory) on the full CIFAR-10
-  for one short epoch of a few dozen steps (its end included: evaluation, replica check, state gathered for
-  checkpoints, and the end of training), and of 4 processes again with MPI's collectives alone (a copy of the
-  parameters per process), and with the state replicated; and what each process beyond the first adds. Target: 4
-  processes <= 1.5 x one process.
+  for one short epoch of a few dozen steps (its end included: evaluation, replica check, and the end of training;
+  without monitors, as in a script, so nothing is gathered for them), and of 4 processes again with MPI's
+  collectives alone (a copy of the parameters per process), and with the state replicated; and what each process
+  beyond the first adds. The peak is also given for the training alone, before train() hands every process the
+  trained model. Target: 4 processes <= 1.5 x one process.
 
 With --json PATH everything (per-step times included, and the environment: versions, BLAS, git commit, load
 average) is written there, to compare runs across commits. Run on an otherwise idle machine; the load average is

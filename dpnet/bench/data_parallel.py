@@ -13,9 +13,11 @@ from .common import (INPUT_SHAPE, MPI_HINT, NUM_CLASSES, _progress, median_ms, m
 def worker_distributed(spec):
     """Inside each process of a job: train with the Solver, timing every step and its communication: MPI's
     parameter-sized collectives (the fused gradient's Allreduce; sharded, the reduce-scatter and the allgather) or,
-    in shared memory, the sums and copies of dpnet.shared_sum and every barrier."""
+    in shared memory, the sums and copies of dpnet.shared_sum, the copies of activations into shared memory of
+    dpnet.factored_grads (not its products, which replace the whole gradients' products) and every barrier."""
     from ..classifiers.fc_net import FullyConnectedNet
     from ..distributed import NodeSharedArray, get_communicator, set_blas_threads
+    from ..factored_grads import FactoredGradients
     from ..shared_sum import SharedSum
     from ..solver import Solver
 
@@ -62,11 +64,18 @@ def worker_distributed(spec):
     def timed_method(method):
         return lambda self, *args, **kwargs: count_as_communication(method, self, *args, **kwargs)
 
-    for cls, name in ((NodeSharedArray, "sync"), (SharedSum, "sum_block"), (SharedSum, "gather")):
+    for cls, name in ((NodeSharedArray, "sync"), (SharedSum, "sum_block"), (SharedSum, "gather"),
+                      (FactoredGradients, "receive")):
         setattr(cls, name, timed_method(getattr(cls, name)))
 
+    class WholeGradientsNet(FullyConnectedNet):
+        """The model, without weight_factors: each process computes whole gradients (summed: dpnet.shared_sum)."""
+
+        def loss(self, X, y=None, grads=None):
+            return super().loss(X, y, grads=grads)
+
     class TimedSolver(Solver):
-        shared_memory_was_used = False
+        shared_memory_was_used = factored = False
 
         def _step(self):
             in_step[0] = 0.0
@@ -74,6 +83,7 @@ def worker_distributed(spec):
             result = super()._step()
             self.shared_memory_was_used |= (self._shared_sum is not None
                                             or self._shards is not None and self._shards.shared)
+            self.factored |= self._shards is not None and self._shards.factored
             step_times.append(time.perf_counter() - start)
             comm_times.append(in_step[0])
             return result
@@ -93,7 +103,8 @@ def worker_distributed(spec):
                 y_train=rng.integers(NUM_CLASSES, size=n_train),
                 X_val=rng.standard_normal((batch, input_dim)).astype(dtype),
                 y_val=rng.integers(NUM_CLASSES, size=batch))
-    model = FullyConnectedNet(spec["hidden_dims"], dtype=dtype, seed=0)
+    model = (FullyConnectedNet if spec.get("factors", True) else WholeGradientsNet)(spec["hidden_dims"], dtype=dtype,
+                                                                                      seed=0)
     total = spec["warmup"] + spec["repeats"]
     solver = TimedSolver(model, data, update_rule=spec["rule"], optim_config={"learning_rate": 1e-4},
                          batch_size=batch, num_epochs=-(-total // steps_per_epoch), num_train_samples=batch, seed=0,
@@ -107,7 +118,7 @@ def worker_distributed(spec):
         return [result]
     reduces = np.array(comm_times[spec["warmup"]:total])
     result.update(allreduce=reduces.tolist(), share=float(np.median(reduces / steps)),
-                  shared_memory=bool(solver.shared_memory_was_used))
+                  shared_memory=bool(solver.shared_memory_was_used), factored=bool(solver.factored))
     if spec.get("shard_optimizer"):
         return comm.comm.gather(result, root=0)
     packed = np.array(solver_allreduce_times[spec["warmup"]:total])
@@ -146,9 +157,10 @@ def compare_fused_and_pickled(comm, model, data, repeats):
     return dict(**times, gradient_bytes=int(fused.buffer.nbytes), gradient_arrays=len(grads))
 
 
-# name -> (shard_optimizer, shared_memory) of the P-process jobs of the distributed section
-DISTRIBUTED_CASES = {"replicated": (False, True), "replicated_mpi": (False, False), "sharded": (True, True),
-                     "sharded_mpi": (True, False)}
+# name -> (shard_optimizer, shared_memory, weight factors) of the P-process jobs of the distributed section
+DISTRIBUTED_CASES = {"replicated": (False, True, True), "replicated_mpi": (False, False, True),
+                     "sharded": (True, True, True), "sharded_summed": (True, True, False),
+                     "sharded_mpi": (True, False, True)}
 
 
 def section_distributed(args):
@@ -156,7 +168,7 @@ def section_distributed(args):
         return dict(available=False, note=MPI_HINT)
     P, T = args.processes, args.threads
     t = max(1, T // P)
-    configs = {"serial": (1, T, False, True), **{name: (P, t, *how) for name, how in DISTRIBUTED_CASES.items()}}
+    configs = {"serial": (1, T, False, True, True), **{name: (P, t, *how) for name, how in DISTRIBUTED_CASES.items()}}
     from ..classifiers.fc_net import FullyConnectedNet
 
     gradient_size = sum(p.size for p in FullyConnectedNet(args.hidden_dims, dtype=np.float32).params.values())
@@ -167,12 +179,14 @@ def section_distributed(args):
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
             for name in list(configs) if r % 2 == 0 else list(configs)[::-1]:  # ABBA
-                p, t, shard, shared = configs[name]
+                p, t, shard, shared, factors = configs[name]
                 _progress(f"distributed section, round {r + 1}/{args.rounds}: {p} x {t} threads"
                           f"{', optimizer state sharded' if shard else ''}"
-                          f"{', MPI collectives only' if p > 1 and not shared else ''}")
+                          f"{', MPI collectives only' if p > 1 and not shared else ''}"
+                          f"{', whole gradients summed' if shard and shared and not factors else ''}")
                 runs[name].append(run_worker("distributed", dict(spec, threads=t, shard_optimizer=shard,
-                                                                 shared_memory=shared), folder, threads=t, processes=p))
+                                                                 shared_memory=shared, factors=factors),
+                                             folder, threads=t, processes=p))
     serial = [t for run in runs["serial"] for t in run[0]["steps"]]
     cases = {}
     for name in DISTRIBUTED_CASES:
@@ -182,7 +196,8 @@ def section_distributed(args):
             step_ms_per_round=[median_ms(run[0]["steps"]) for run in runs[name]],
             comm_share=float(np.median([max(rank["share"] for rank in run) for run in runs[name]])),
             comm_ms=median_ms([t for run in runs[name] for rank in run for t in rank["allreduce"]]),
-            shared_memory=all(rank["shared_memory"] for run in runs[name] for rank in run))
+            shared_memory=all(rank["shared_memory"] for run in runs[name] for rank in run),
+            factored=all(rank["factored"] for run in runs[name] for rank in run))
         if not DISTRIBUTED_CASES[name][0]:  # replicated: all of Solver._allreduce (packing included) too
             cases[name]["solver_allreduce_share"] = float(np.median(
                 [max(rank["solver_share"] for rank in run) for run in runs[name]]))

@@ -21,7 +21,8 @@ def memory_now():
 
 def worker_memory(spec):
     """Inside each process of a job: train the command line's default model on CIFAR-10 for a few steps, sampling
-    PSS after every step; then, with every process still alive, the final PSS and the peak RSS."""
+    PSS after every step and at the epoch's end (the peak while training); then, with every process still alive and
+    holding the trained model, the final PSS and the peak RSS."""
     from ..config import DEFAULTS
     from ..data_utils import locate_CIFAR10
     from ..distributed import get_communicator, set_blas_threads
@@ -55,9 +56,10 @@ def worker_memory(spec):
                            shared_memory=spec.get("shared_memory", True))
     solver.train()
     comm.barrier()
-    rss, pss, uss = memory_now()
+    rss, pss, uss = memory_now()  # after train(): each process holds the trained model (rank 0: the kept ones too)
     result = dict(rank=comm.rank, steps=solver.iteration, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                  / 1024, rss_mb=rss, pss_mb=pss, uss_mb=uss, peak_pss_mb=max(peak_pss[0], pss or 0.0))
+                  / 1024, rss_mb=rss, pss_mb=pss, uss_mb=uss, training_peak_pss_mb=peak_pss[0],
+                  peak_pss_mb=max(peak_pss[0], pss or 0.0))
     comm.barrier()  # nobody exits (unmapping shared pages) before everyone has read its PSS
     return comm.comm.gather(result, root=0) if comm.size > 1 else [result]
 
@@ -92,11 +94,13 @@ def section_memory(args):
                              ranks=ranks,
                              total_peak_rss_mb=sum(r["peak_rss_mb"] for r in ranks),
                              total_peak_pss_mb=sum(r["peak_pss_mb"] for r in ranks),
+                             total_training_peak_pss_mb=sum(r["training_peak_pss_mb"] for r in ranks),
                              total_pss_mb=sum(r["pss_mb"] or 0.0 for r in ranks))
     one = jobs.get("1")
     for job in jobs.values():
         if one is not None:
             job["pss_ratio"] = job["total_peak_pss_mb"] / one["total_peak_pss_mb"]
+            job["training_pss_ratio"] = job["total_training_peak_pss_mb"] / one["total_training_peak_pss_mb"]
             job["rss_ratio"] = job["total_peak_rss_mb"] / one["total_peak_rss_mb"]
             if job["processes"] > 1:  # what each process beyond the first adds: its own private memory
                 job["per_extra_process_mb"] = ((job["total_peak_pss_mb"] - one["total_peak_pss_mb"])

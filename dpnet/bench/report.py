@@ -64,11 +64,13 @@ def table_rows(results, args):
         label = f"{dist['rule']}, {P} x {max(1, T // P)} thread{'s' if T // P > 1 else ''} vs 1 x {T}"
         what = {"replicated": ("state replicated, gradients summed in shared memory", "sums and barriers share"),
                 "replicated_mpi": ("state replicated, MPI only", "Allreduce share"),
-                "sharded": ("state sharded, parameters and gradients in shared memory", "sums and barriers share"),
+                "sharded": ("state sharded, shared memory, gradient blocks from everyone's activations",
+                            "copies and barriers share"),
+                "sharded_summed": ("state sharded, shared memory, whole gradients summed", "sums and barriers share"),
                 "sharded_mpi": ("state sharded, MPI only", "reduce-scatter + allgather share")}
         for name, case in dist["cases"].items():
             how, communication = what[name]
-            if not case["shared_memory"] and name in ("replicated", "sharded"):
+            if not case["shared_memory"] and name in ("replicated", "sharded", "sharded_summed"):
                 how += " (none available: MPI)"
             rows.append(("1 vs P processes", f"step, {label}, {how}", f"{case['step_ms']:.2f} ms",
                          f"{dist['serial_step_ms']:.2f} ms", f"{case['speedup']:.2f}x", ""))
@@ -93,6 +95,11 @@ def table_rows(results, args):
                          f"peak RSS (sum) {job['total_peak_rss_mb']:.0f} MB",
                          f"{job['pss_ratio']:.2f}" if "pss_ratio" in job else "",
                          "<= 1.5" if p > 1 and "pss_ratio" in job else ""))
+            if p > 1 and "training_pss_ratio" in job:
+                rows.append(("memory (CIFAR-10)", "  of which while training (after train(): every process holds the "
+                             "model)", f"{job['total_training_peak_pss_mb']:.0f} MB",
+                             f"1 process {mem['jobs']['1']['total_training_peak_pss_mb']:.0f} MB",
+                             f"{job['training_pss_ratio']:.2f}", ""))
             if "per_extra_process_mb" in job:
                 rows.append(("memory (CIFAR-10)", f"each process beyond the first ({p} processes{how})",
                              f"{job['per_extra_process_mb']:.0f} MB",
