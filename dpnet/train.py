@@ -190,9 +190,7 @@ def setup(comm, argv):
 
     config, meta = agree(comm, configure)
     from .distributed import set_blas_threads
-    from .heap import return_freed_memory
 
-    return_freed_memory()  # before the model's initial weights are drawn: see dpnet/heap.py
     config["blas_threads"] = set_blas_threads(config["blas_threads"], comm=comm)
     folder = agree(comm, lambda: locate_data(config, comm.rank, config["quiet"]) if comm.rank == 0 else None)
     folder = agree(comm, lambda: locate_data(config, comm.rank, True) if comm.rank else folder)

@@ -26,11 +26,9 @@ def worker_memory(spec):
     from ..config import DEFAULTS
     from ..data_utils import locate_CIFAR10
     from ..distributed import get_communicator, set_blas_threads
-    from ..heap import return_freed_memory
     from ..solver import Solver
     from ..train import build_model, load_data
 
-    return_freed_memory()  # as python -m dpnet.train does
     comm = get_communicator()
     set_blas_threads(comm=comm)
     config = dict(DEFAULTS, hidden_dims=spec["hidden_dims"])
