@@ -67,10 +67,12 @@ class Solver:
       number of processes, for the same parameters. Needs an elementwise rule (the built-in ones are). The monitors'
       info['grads'] is then None but at the last iteration of each epoch, where the whole gradient is gathered
       (info['grad_norm'] is always the whole gradient's norm); the optimizer state is gathered for checkpoints at
-      epoch ends (see optimizer_state)
+      epoch ends (see optimizer_state). Both gathers happen only when some process has monitors or checkpoint_name
     - shared_memory: processes that all run on one machine keep their gradients in shared memory and sum them where
       they lie instead of copying them through MPI (default True; dpnet.shared_sum); with shard_optimizer the
-      parameters too: one copy per machine instead of one per process (dpnet.sharding). During train() the
+      parameters too: one copy per machine instead of one per process (dpnet.sharding), and, for a model whose loss
+      takes weight_factors (FullyConnectedNet), each process computes only its block of the weight gradients, from
+      every process's activations (dpnet.factored_grads). During train() the
       gradients given to monitors and, sharded, the model's arrays are then shared memory (change the arrays on no
       process) that train() frees at its end: monitors must copy what they keep beyond a call. train() leaves each
       process parameter arrays of its own
