@@ -23,7 +23,6 @@ reading the last step's, which the sharded update's closing barrier guarantees.
 import numpy as np
 
 
-
 def add_weight_block(x_all, dout_all, start, stop, out):
     """Write elements [start, stop) of the flattened product x_all.T @ dout_all (shape (D, M), row-major) into the 1-D
     array `out` (stop - start elements), computing only those elements: whole rows with one matrix product, the
@@ -50,11 +49,11 @@ class FactoredGradients:
     """The shared rows of the factored weights, and the shared slots of the other gradients, of a ShardedState
     (`layout`: names, shapes, offsets, this process's block lo:hi) for global batches of up to `capacity` samples.
 
-    Per step: `start(rows, weight)` (this process's rows of the global batch and its weight n_r / N), then the model's
-    loss with `rest_grads` as its gradient arrays and `receive` as its weight_factors callback, then
-    `sum_block(block, params)` (collective), which writes every element of the block that holds a parameter (the
-padding after the last one is left as it is). Make one with `create()`, which gives None when the processes cannot
-    share memory.
+    Per step: `start(rows, weight, batch)` (this process's rows of the global batch, its weight n_r / N, the global
+    batch size), then the model's loss with `rest_grads` as its gradient arrays and `receive` as its weight_factors
+    callback, then `sum_block(block, params)` (collective), which writes every element of the block that holds a
+    parameter (the padding after the last one is left as it is). Make one with `create()`, which gives None when the
+    processes cannot share memory.
     """
 
     @classmethod
@@ -65,9 +64,11 @@ padding after the last one is left as it is). Make one with `create()`, which gi
             return None
         factored = sorted(factored)
         rows_size = capacity * sum(sum(layout.shapes[name]) for name in factored)
-        rest = {name: np.empty(layout.shapes[name], layout.dtype) for name in layout.names if name not in factored}
+        rest = {name: layout.shapes[name] for name in layout.names if name not in factored}
         rows = get_shared(max(rows_size, 1), layout.dtype)
-        slots = rows and get_shared(sum(a.size for a in rest.values()) + 1, layout.dtype, each=True)
+        slots = None
+        if rows is not None:  # each process's slot: the other gradients, then its weight
+            slots = get_shared(sum(int(np.prod(shape)) for shape in rest.values()) + 1, layout.dtype, each=True)
         if slots is None:
             if rows is not None:
                 rows.free()
@@ -84,11 +85,12 @@ padding after the last one is left as it is). Make one with `create()`, which gi
             at += capacity * fan_in
             self._douts[name] = rows.array[at:at + capacity * fan_out].reshape(capacity, fan_out)
             at += capacity * fan_out
-        self.rest_grads, self._rest_offsets, at = {}, {}, 0  # views of this process's slot, then its weight
+        self.rest_grads, self._rest_offsets, at = {}, {}, 0  # views of this process's slot
         for name in sorted(rest):
+            size = int(np.prod(rest[name]))
             self._rest_offsets[name] = at
-            self.rest_grads[name] = slots.array[at:at + rest[name].size].reshape(rest[name].shape)
-            at += rest[name].size
+            self.rest_grads[name] = slots.array[at:at + size].reshape(rest[name])
+            at += size
         self._regs = {}
         self._step_rows = None
 

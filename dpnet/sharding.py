@@ -63,19 +63,19 @@ class ShardedState:
     against 0.67-0.87 ms for 7.4 MB over 2 processes here (benchmarks/bench_shared_sum.py), and the weighting of each
     process's gradient costs no pass of its own.
 
-    With `factored` as well (names of 2-D parameters whose gradients the model delivers as factors x.T @ dout, see
-    dpnet.factored_grads) and `capacity` (the largest global batch), no process computes a whole gradient: each
+    With `factored_params` as well (names of 2-D parameters whose gradients the model delivers as factors x.T @ dout,
+    see dpnet.factored_grads) and `capacity` (the largest global batch), no process computes a whole gradient: each
     computes its block of those from every process's rows of x and dout (`factored` is then True). Call start() before
     the model's loss, and pass it `grads` and `weight_factors`.
     """
 
-    def __init__(self, comm, model_params, shared_memory=True, factored=(), capacity=None):
+    def __init__(self, comm, model_params, shared_memory=True, factored_params=(), capacity=None):
         self.comm = comm
         self.shared_memory = shared_memory
-        bad = [name for name in factored if name not in model_params or np.ndim(model_params[name]) != 2]
+        bad = [name for name in factored_params if name not in model_params or np.ndim(model_params[name]) != 2]
         if bad:
             raise ShardError(f"factored parameters must be 2-D parameters of the model: {', '.join(map(str, bad))}")
-        self._factored_names = tuple(factored) if capacity else ()
+        self._factored_names = tuple(factored_params) if capacity else ()
         self._capacity = capacity
         self.names = sorted(model_params)
         self.shapes = {name: model_params[name].shape for name in self.names}

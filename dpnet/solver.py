@@ -264,7 +264,7 @@ class Solver:
                 if self._shards is not None:
                     self._shards.release(self.model.params)
                 self._shards = ShardedState(self.comm, self.model.params, shared_memory=self.shared_memory,
-                                            factored=factored, capacity=self.batch_size if factored else None)
+                                            factored_params=factored, capacity=self.batch_size if factored else None)
             self._shards.bind(self.model.params)
             self._shards.start(self._my_rows(batch), len(y) / batch, batch)
         if self.lr_schedule is not None:

@@ -21,9 +21,10 @@ what is compared is interleaved, so that whatever else the machine does slows bo
   activations, dpnet.factored_grads, and once more with whole gradients summed) and through MPI's collectives alone,
   alternating in forward and reversed order round by round; inside each process the communication (MPI's
   parameter-sized collectives: the fused gradient's Allreduce, sharded the reduce-scatter and the allgather; in
-  shared memory the sums, copies and barriers) is timed where it happens (a rank waiting for a slower one counts as communication), its share of the
-  step is that of the worst rank. Also the fused in-place Allreduce (packing included) against one pickled allreduce
-  per gradient array, interleaved. Target: communication <= 10% of the step at 2 processes.
+  shared memory the sums, copies and barriers) is timed where it happens (a rank waiting for a slower one counts as
+  communication), its share of the step is that of the worst rank. Also the fused in-place Allreduce (packing
+  included) against one pickled allreduce per gradient array, interleaved. Target: communication <= 10% of the step
+  at 2 processes.
 - memory: peak RSS and peak PSS (proportional set size, /proc/<pid>/smaps_rollup: shared pages, such as the
   memory-mapped CIFAR-10 cache in the page cache, divided among the processes mapping them; RSS counts them in every
   process) of 1 and of 4 processes (mpiexec) training the command line's default model and recipe
