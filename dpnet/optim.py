@@ -4,11 +4,13 @@ Each rule is ``rule(w, dw, config=None) -> (next_w, config)``: ``w`` and ``dw`` 
 dict holding the hyper-parameters (defaults filled in on first use) and the rule's state between calls. Rules do not
 modify ``w`` or ``dw``; the returned config is the same dict, updated (its state arrays are updated in place).
 
-Each built-in rule also has an in-place variant, ``rule.in_place(w, dw, config=None) -> (w, config)``, which
-overwrites ``w`` itself (a writable array of dtype ``np.result_type(w, dw)``) instead of allocating ``next_w``. The
-Solver uses it for the parameters it owns: nothing of a parameter's size is allocated per step, and the arrays are
+Each built-in rule also has an in-place variant, ``rule.in_place(w, dw, config=None, w_scale=1.0) -> (w, config)``,
+which overwrites ``w`` itself (a writable array of dtype ``np.result_type(w, dw)``) instead of allocating ``next_w``.
+The Solver uses it for the parameters it owns: nothing of a parameter's size is allocated per step, and the arrays are
 updated block by block, so that a rule's several passes over a block find it in the cache. The pure rule is the
-in-place variant applied to a copy of ``w``: the two agree bit for bit.
+in-place variant applied to a copy of ``w``: the two agree bit for bit. ``w_scale`` multiplies ``w`` first, block by
+block (the Solver's decoupled weight decay, ``1 - learning_rate * weight_decay``): bit for bit ``w *= w_scale`` followed
+by the update, without a pass of its own over ``w``.
 
 The built-in rules are elementwise (``rule.elementwise = True``): an element's update depends on that element's
 values alone, so the Solver can shard their state over processes (``shard_optimizer``, see dpnet.sharding).
@@ -40,13 +42,16 @@ def _state(config, key, like):
     return value
 
 
-def _blocks(w, *arrays):
+def _blocks(w, *arrays, w_scale=1.0):
     """(w, *arrays, scratch) in matching blocks of about BLOCK_BYTES: flat views of C-contiguous arrays of w's shape,
     and a scratch array (typed like w) for the temporaries. A rule makes several passes over its arrays; block by block,
     all but the first find the block in the cache instead of streaming every array from memory once per pass.
-    Other arrays (not contiguous, or shaped otherwise) come whole, as one block."""
+    Other arrays (not contiguous, or shaped otherwise) come whole, as one block. Each block of w is multiplied by
+    w_scale (unless 1) before it is yielded."""
     whole = [w, *map(np.asarray, arrays)]
     if any(a.shape != w.shape or not a.flags.c_contiguous for a in whole):
+        if w_scale != 1:
+            w *= w_scale
         yield (*whole, np.empty_like(w))
         return
     flat = [a.reshape(-1) for a in whole]
@@ -54,6 +59,8 @@ def _blocks(w, *arrays):
     scratch = np.empty(min(step, w.size), dtype=w.dtype)
     for start in range(0, w.size, step):
         block = [a[start:start + step] for a in flat]
+        if w_scale != 1:
+            block[0] *= w_scale
         yield (*block, scratch[:block[0].size])
 
 
@@ -62,28 +69,28 @@ def _copy(w, dw):
     return np.array(w, dtype=np.result_type(w, dw))
 
 
-def _sgd_in_place(w, dw, config=None):
+def _sgd_in_place(w, dw, config=None, w_scale=1.0):
     config = _config(config, learning_rate=1e-2)
     lr = config["learning_rate"]
-    for w_, dw_, s in _blocks(w, dw):
+    for w_, dw_, s in _blocks(w, dw, w_scale=w_scale):
         w_ -= np.multiply(dw_, lr, out=s)
     return w, config
 
 
-def _sgd_momentum_in_place(w, dw, config=None):
+def _sgd_momentum_in_place(w, dw, config=None, w_scale=1.0):
     config = _config(config, learning_rate=1e-2, momentum=0.9)
     lr, momentum = config["learning_rate"], config["momentum"]
-    for w_, dw_, v, s in _blocks(w, dw, _state(config, "velocity", w)):
+    for w_, dw_, v, s in _blocks(w, dw, _state(config, "velocity", w), w_scale=w_scale):
         v *= momentum
         v -= np.multiply(dw_, lr, out=s)
         w_ += v
     return w, config
 
 
-def _rmsprop_in_place(w, dw, config=None):
+def _rmsprop_in_place(w, dw, config=None, w_scale=1.0):
     config = _config(config, learning_rate=1e-2, decay_rate=0.99, epsilon=1e-8)
     lr, decay, eps = config["learning_rate"], config["decay_rate"], config["epsilon"]
-    for w_, dw_, cache, s in _blocks(w, dw, _state(config, "cache", w)):
+    for w_, dw_, cache, s in _blocks(w, dw, _state(config, "cache", w), w_scale=w_scale):
         cache *= decay
         np.multiply(dw_, 1 - decay, out=s)
         s *= dw_
@@ -96,7 +103,7 @@ def _rmsprop_in_place(w, dw, config=None):
     return w, config
 
 
-def _adam_in_place(w, dw, config=None):
+def _adam_in_place(w, dw, config=None, w_scale=1.0):
     config = _config(config, learning_rate=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8, t=0)
     beta1, beta2 = config["beta1"], config["beta2"]
     config["t"] += 1
@@ -105,7 +112,7 @@ def _adam_in_place(w, dw, config=None):
     # rate = lr * sqrt(c2) / c1: the bias corrections cost two scalars, not two passes over the arrays.
     root_c2 = math.sqrt(1 - beta2**t)
     eps, rate = config["epsilon"] * root_c2, config["learning_rate"] * root_c2 / (1 - beta1**t)
-    for w_, dw_, m, v, s in _blocks(w, dw, _state(config, "m", w), _state(config, "v", w)):
+    for w_, dw_, m, v, s in _blocks(w, dw, _state(config, "m", w), _state(config, "v", w), w_scale=w_scale):
         m *= beta1
         np.multiply(dw_, 1 - beta1, out=s)
         m += s

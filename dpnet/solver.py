@@ -336,9 +336,9 @@ class Solver:
             if self._in_place is not None and self._can_update_in_place(w, dw, config, decay):
                 if self._owned.get(name) is not w:
                     w = self._owned[name] = w.copy()
-                if decay:  # w - lr * (step + decay * w), as AdamW: the built-in steps do not depend on w
-                    w *= 1 - config["learning_rate"] * decay
-                next_w, config = self._in_place(w, dw, config)
+                # w - lr * (step + decay * w), as AdamW: the built-in steps do not depend on w
+                scale = 1 - config["learning_rate"] * decay if decay else 1
+                next_w, config = self._apply_in_place(w, dw, config, scale)
             else:
                 next_w, config = self._rule(w, dw, config)
                 if decay:
@@ -351,9 +351,18 @@ class Solver:
     def _update_segment(self, name, w, dw):
         """The sharded update of this process's segment of parameter `name` (flat views; see dpnet.sharding)."""
         config = self._shards.shard_config(name, self.optim_configs[name])
-        if self.weight_decay and len(self._shards.shapes[name]) >= 2:
-            w *= 1 - config["learning_rate"] * self.weight_decay
-        self._in_place(w, dw, config)
+        decay = self.weight_decay if len(self._shards.shapes[name]) >= 2 else 0.0
+        self._apply_in_place(w, dw, config, 1 - config["learning_rate"] * decay if decay else 1)
+
+    def _apply_in_place(self, w, dw, config, w_scale):
+        """The rule's in-place variant on w, after multiplying w by w_scale (weight decay): within the rule's own pass
+        over w when it takes `w_scale` (the built-in rules do), else as a pass of its own."""
+        if w_scale == 1:
+            return self._in_place(w, dw, config)
+        if _accepts_keyword(self._in_place, "w_scale"):
+            return self._in_place(w, dw, config, w_scale=w_scale)
+        w *= w_scale
+        return self._in_place(w, dw, config)
 
     @staticmethod
     def _can_update_in_place(w, dw, config, decay):
@@ -609,9 +618,16 @@ def _accepts_grads(loss_function):
     return _accepts_keyword(loss_function, "grads")
 
 
-@functools.lru_cache(maxsize=128)
 def _accepts_keyword(function, keyword):
-    """Whether `function` takes the keyword argument `keyword`."""
+    """Whether `function` takes the keyword argument `keyword` (cached, for hashable functions)."""
+    try:
+        return _signature_has(function, keyword)
+    except TypeError:  # an unhashable callable: not cached
+        return _signature_has.__wrapped__(function, keyword)
+
+
+@functools.lru_cache(maxsize=128)
+def _signature_has(function, keyword):
     try:
         return keyword in inspect.signature(function).parameters
     except (TypeError, ValueError):  # no inspectable signature

@@ -14,6 +14,7 @@ contract was broken.
 """
 
 import copy
+import inspect
 
 import numpy as np
 
@@ -212,7 +213,9 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
     ``f(w) = 0.5 * sum(a * (w - c)**2)`` by at least 0.1% in ``steps`` steps; if the rule has an in-place variant
     ``rule.in_place(w, dw, config=None) -> (w, config)`` (which the Solver uses for the parameters it
     owns), that it updates w itself, leaves dw alone and agrees with the rule step by step to rounding (relative
-    1e-12); if the rule declares ``rule.elementwise = True`` (which lets the Solver shard its state over processes),
+    1e-12), and, if it takes the keyword ``w_scale`` (the Solver's weight decay, applied within the rule's own pass),
+    that ``in_place(w, dw, config, w_scale=s)`` is bit for bit ``w *= s`` followed by ``in_place(w, dw, config)``;
+    if the rule declares ``rule.elementwise = True`` (which lets the Solver shard its state over processes),
     that updating flat segments of w (each with its own config) gives bit for bit what updating the whole gives.
     Raises AssertionError saying which failed. Returns None.
     """
@@ -267,6 +270,8 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
     in_place = getattr(rule, "in_place", None)
     if in_place is not None:
         _check_in_place(rule, in_place, what, user, lambda w: a * (w - c), start)
+        if "w_scale" in _parameters(in_place):
+            _check_w_scale(in_place, what, user, lambda w: a * (w - c), start)
     if getattr(rule, "elementwise", False):
         if in_place is None:
             _fail(what, "declares rule.elementwise = True without an in-place variant: sharding its state over "
@@ -291,6 +296,31 @@ def _check_elementwise(in_place, what, user, grad, start, steps=20):
             _fail(what, f"declares rule.elementwise = True but its update of flat segments differs from its update "
                         f"of the whole array by up to {np.max(np.abs(flat - whole_w.reshape(-1))):.3g} at step "
                         f"{t + 1}: an element's update must depend on that element alone")
+
+
+def _parameters(function):
+    try:
+        return inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no inspectable signature
+        return {}
+
+
+def _check_w_scale(in_place, what, user, grad, start, steps=20):
+    """in_place(w, dw, config, w_scale=s) is `w *= s` then in_place(w, dw, config), bit for bit."""
+    scaled, scaled_config = start.copy(), copy.deepcopy(user)
+    folded, folded_config = start.copy(), copy.deepcopy(user)
+    for t in range(steps):
+        scale = 1 - 0.01 * (t + 1)
+        dw = grad(scaled)
+        scaled *= scale
+        scaled_config = in_place(scaled, dw, scaled_config)[1]
+        result = in_place(folded, dw, folded_config, w_scale=scale)
+        if not (isinstance(result, tuple) and len(result) == 2 and result[0] is folded):
+            _fail(what, f"its in-place variant must return (w, config) with w itself when given w_scale (step {t + 1})")
+        folded_config = result[1]
+        if not np.array_equal(folded, scaled):
+            _fail(what, f"its in-place variant takes w_scale but does not compute `w *= w_scale` and then the "
+                        f"update: they differ by up to {np.max(np.abs(folded - scaled)):.3g} at step {t + 1}")
 
 
 def _check_in_place(rule, in_place, what, user, grad, start, steps=20):

@@ -104,3 +104,20 @@ def test_shared_sum_benchmark_runs(mpiexec, clean_env):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("2 processes, 0.1 MB of float32 each") and len(lines) == 4
     assert [line.split()[0] for line in lines[1:]] == ["shared", "reduce-scatter", "scale"]
+
+
+def test_weight_decay_benchmark_runs():
+    """benchmarks/bench_weight_decay.py, tiny: both Solvers step and the medians are printed (figures not checked)."""
+    import contextlib
+    import io
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_weight_decay.py"
+    module = runpy.run_path(str(script))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module["main"](["--hidden-dims", "8", "--steps", "2", "--warmup", "1", "--threads", "1"])
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("sgd_momentum, FullyConnectedNet([8]), batch 256, weight decay 0.005") and len(lines) == 4
+    assert "inside the rule's pass" in lines[1] and "a pass of its own" in lines[2] and lines[3].startswith("  ratio")

@@ -175,3 +175,26 @@ def test_updates_in_blocks_compute_what_whole_arrays_compute(rule, dtype, monkey
         results.append(mine)
     np.testing.assert_array_equal(results[1], results[0])
     np.testing.assert_array_equal(results[2], results[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rule", [sgd, sgd_momentum, rmsprop, adam])
+def test_w_scale_is_a_scaling_before_the_update_bit_for_bit(rule, dtype, monkeypatch):
+    """in_place(..., w_scale=s), block by block (blocks of 5 elements, a shorter last one) or whole (not
+    C-contiguous), is `w *= s` followed by the update, bit for bit: the Solver's weight decay without its own pass."""
+    import dpnet.optim
+
+    monkeypatch.setattr(dpnet.optim, "BLOCK_BYTES", 5 * np.dtype(dtype).itemsize)
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((9, 7)).astype(dtype)
+    for order in ("C", "F"):
+        scaled, folded = np.array(w, order=order), np.array(w, order=order)
+        scaled_config, folded_config = {"learning_rate": 1e-2}, {"learning_rate": 1e-2}
+        for _ in range(3):
+            dw = np.array(rng.standard_normal(w.shape).astype(dtype), order=order)
+            scale = 1 - 1e-2 * 0.3
+            scaled *= scale
+            rule.in_place(scaled, dw, scaled_config)
+            assert rule.in_place(folded, dw, folded_config, w_scale=scale)[0] is folded
+        np.testing.assert_array_equal(folded, scaled, err_msg=order)
+        assert not np.array_equal(folded, w)

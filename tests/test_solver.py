@@ -428,3 +428,30 @@ def test_gradients_go_straight_into_one_reused_buffer(data):
     _, plain_peak = traced_step(plain)
     assert plain._fused is None
     assert plain_peak - peak >= sum(w.nbytes for w in model.params.values()), (plain_peak, peak)
+
+
+@pytest.mark.parametrize("rule", ["sgd_momentum", "adam"])
+def test_weight_decay_inside_the_rules_pass_is_the_separate_pass_bit_for_bit(data, rule):
+    """The built-in in-place rules take the decay's scaling as w_scale (no pass of its own over the weights); a rule
+    whose in-place variant does not take it gets the scaling as a pass before it. The same parameters, bit for bit."""
+    from dpnet import registry
+
+    builtin = registry.get_update_rule(rule)
+
+    def without_w_scale(w, dw, config=None):
+        return builtin(w, dw, config)
+
+    without_w_scale.in_place = lambda w, dw, config=None: builtin.in_place(w, dw, config)
+    without_w_scale.elementwise = True
+
+    def run(update_rule):
+        model = _model(normalization=None)
+        solver = Solver(model, data, update_rule=update_rule, optim_config={"learning_rate": 1e-2}, batch_size=32,
+                        num_epochs=1, seed=3, verbose=False, weight_decay=0.5)
+        solver.train()
+        solver.use_params("final")
+        return model.params
+
+    folded, separate = run(rule), run(without_w_scale)
+    for name, value in folded.items():
+        np.testing.assert_array_equal(value, separate[name], err_msg=name)

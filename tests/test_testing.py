@@ -298,3 +298,31 @@ def test_an_elementwise_declaration_is_checked():
         check_update_rule(no_in_place)
     assert all(getattr(registry.get_update_rule(name), "elementwise", False)
                for name in ("sgd", "sgd_momentum", "rmsprop", "adam"))  # and test_every_registered... checks them
+
+
+def test_a_w_scale_keyword_is_checked():
+    def rule(w, dw, config=None):
+        config = {} if config is None else config
+        config.setdefault("learning_rate", 1e-2)
+        return w - config["learning_rate"] * dw, config
+
+    def good(w, dw, config=None, w_scale=1.0):
+        config = {} if config is None else config
+        config.setdefault("learning_rate", 1e-2)
+        w *= w_scale
+        w -= config["learning_rate"] * dw
+        return w, config
+
+    rule.in_place = good
+    check_update_rule(rule)
+
+    def scales_after(w, dw, config=None, w_scale=1.0):  # (w - lr * dw) * s: not the Solver's decoupled decay
+        w, config = good(w, dw, config)
+        w *= w_scale
+        return w, config
+
+    rule.in_place = scales_after
+    with pytest.raises(AssertionError, match="takes w_scale but does not compute `w \\*= w_scale` and then"):
+        check_update_rule(rule)
+    for name in ("sgd", "sgd_momentum", "rmsprop", "adam"):
+        check_update_rule(registry.get_update_rule(name))  # the built-ins take w_scale, and pass
