@@ -109,7 +109,7 @@ class FactoredGradients:
         if name not in self._inputs:
             raise KeyError(f"{name!r} is not a factored weight of this layout ({', '.join(self.factored)})")
         rows = self._step_rows
-        self._inputs[name][rows] = x.reshape(x.shape[0], -1)
+        self._inputs[name][rows] = x
         np.multiply(dout, self._weight, out=self._douts[name][rows])
         self._regs[name] = reg
 

@@ -121,6 +121,8 @@ class Solver:
         self._watched = True  # whether any process has monitors or checkpoint_name (set by train())
         self._grad_norm = None  # the last sharded step's gradient norm
         self._in_place = getattr(self._rule, "in_place", None)  # the rule's in-place variant, if it has one
+        # whether that variant scales w itself (weight decay within its own pass; the built-in rules do)
+        self._in_place_scales = self._in_place is not None and _accepts_keyword(self._in_place, "w_scale")
         # name -> the parameter array this Solver made, which it may update in place (weak: an array the model no
         # longer holds, e.g. after use_params, is not kept alive for it)
         self._owned = weakref.WeakValueDictionary()
@@ -359,7 +361,7 @@ class Solver:
         over w when it takes `w_scale` (the built-in rules do), else as a pass of its own."""
         if w_scale == 1:
             return self._in_place(w, dw, config)
-        if _accepts_keyword(self._in_place, "w_scale"):
+        if self._in_place_scales:
             return self._in_place(w, dw, config, w_scale=w_scale)
         w *= w_scale
         return self._in_place(w, dw, config)

@@ -242,18 +242,24 @@ def test_check_plugin(install, monkeypatch):
         check_plugin("fxgood")
 
 
-def test_in_place_variant_is_checked_against_the_rule():
+def _sgd_and_its_in_place_variant():
+    """A fresh plain sgd rule (a new function each call: tests set attributes on it) and a correct in-place variant."""
     def rule(w, dw, config=None):
         config = {} if config is None else config
         config.setdefault("learning_rate", 1e-2)
         return w - config["learning_rate"] * dw, config
 
-    def good(w, dw, config=None):
+    def in_place(w, dw, config=None):
         config = {} if config is None else config
         config.setdefault("learning_rate", 1e-2)
         w -= config["learning_rate"] * dw
         return w, config
 
+    return rule, in_place
+
+
+def test_in_place_variant_is_checked_against_the_rule():
+    rule, good = _sgd_and_its_in_place_variant()
     rule.in_place = good
     check_update_rule(rule)
 
@@ -301,17 +307,11 @@ def test_an_elementwise_declaration_is_checked():
 
 
 def test_a_w_scale_keyword_is_checked():
-    def rule(w, dw, config=None):
-        config = {} if config is None else config
-        config.setdefault("learning_rate", 1e-2)
-        return w - config["learning_rate"] * dw, config
+    rule, in_place = _sgd_and_its_in_place_variant()
 
     def good(w, dw, config=None, w_scale=1.0):
-        config = {} if config is None else config
-        config.setdefault("learning_rate", 1e-2)
         w *= w_scale
-        w -= config["learning_rate"] * dw
-        return w, config
+        return in_place(w, dw, config)
 
     rule.in_place = good
     check_update_rule(rule)
