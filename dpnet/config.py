@@ -94,7 +94,8 @@ FLAGS = {
                                 "results, less memory)"),
     "shared_memory": ("bool", "with every process on one machine, sum the gradients in shared memory (/dev/shm) "
                               "instead of copying them through MPI, and with --shard-optimizer keep one copy of the "
-                              "parameters there (the same results, faster, less memory)"),
+                              "parameters there and compute each process's block of the weight gradients from "
+                              "every process's activations (the same results, faster, less memory)"),
 }
 # What a resumed run may change; everything else shapes the model, the data or the optimization and must match.
 RESUME_MAY_CHANGE = {"data_dir", "download", "epochs", "logdir", "checkpoint_dir", "checkpoint_every", "resume",
