@@ -235,6 +235,7 @@ class MPICommunicator:
     def abort(self, code=1):
         """End every process of the job (MPI_COMM_WORLD) with exit code `code`; does not return."""
         _flush_std_streams()
+        _unlink_mpich_shared_memory()
         time.sleep(0.2)  # let the launcher forward what this process just wrote: an aborted job's unread output is lost
         self._MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # MPICH's MPI_Abort can return before the process manager's kill arrives: never run on
@@ -487,6 +488,24 @@ class FusedBuffer:
 
 
 _SHM_DIR = "/dev/shm"
+
+
+def _unlink_mpich_shared_memory():
+    """Unlink the files of /dev/shm that MPICH created for this job and that this process maps (its shared-memory
+    segment of the processes on this machine; MPI_Finalize would remove it). MPI_Abort kills the processes before
+    they can: without this, every aborted job would leave megabytes in /dev/shm, for good. The processes that map them
+    keep their mappings until they exit."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(None, 5)[5].rstrip("\n") for line in maps if f" {_SHM_DIR}/mpich_shm_" in line}
+    except OSError:
+        return
+    for path in paths:
+        if not path.endswith(" (deleted)"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def _shared_memory_room():

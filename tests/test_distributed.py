@@ -5,6 +5,7 @@ Without mpi4py or mpiexec the MPI tests are skipped locally and fail when $CI is
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -180,6 +181,8 @@ def test_fault_on_one_rank_aborts_the_whole_job(run_mpi):
     assert "dpnet: rank 1 of 3 failed with an unhandled RuntimeError" in result.stderr
     assert "Traceback" in result.stderr and "injected fault on rank 1 at step 5" in result.stderr
     assert "finished" not in result.stdout
+    segments = re.search(r"segments:(.*)", result.stdout)[1].split()  # MPICH's files in /dev/shm: the abort removed them
+    assert segments and not any(os.path.exists(path) for path in segments), segments
 
 
 @pytest.mark.timeout(60)
@@ -205,6 +208,8 @@ def test_signal_on_a_rank_blocked_in_allreduce_aborts_the_whole_job(sig, tmp_pat
     assert proc.returncode != 0
     assert elapsed < 15
     assert f"dpnet: rank 1 of 3 received {sig.name}" in stderr, stderr
+    segments = (tmp_path / "segments").read_text().split()  # MPICH's files in /dev/shm: the abort removed them
+    assert segments and not any(os.path.exists(path) for path in segments), segments
 
 
 @pytest.mark.timeout(60)
@@ -234,3 +239,4 @@ def test_launch_scripts_parse(script):
     if shutil.which("shellcheck"):  # an optional linter: checked where it is installed
         result = subprocess.run(["shellcheck", "-s", "bash", str(LAUNCH / script)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout
+

@@ -1,5 +1,6 @@
 """Run under mpiexec with DPNET_FAULT_INJECT set: every rank loops over steps of one allreduce each; the injected
-fault must end the whole job (the other ranks are then blocked in allreduce)."""
+fault must end the whole job (the other ranks are then blocked in allreduce). Rank 0 first prints the files of
+/dev/shm that MPICH made for the job (the test checks that the abort removed them)."""
 
 import numpy as np
 
@@ -7,6 +8,10 @@ from dpnet.distributed import fault_injection_point, get_communicator
 
 comm = get_communicator()
 buf = np.zeros(8)
+comm.allreduce(buf)
+if comm.rank == 0:
+    with open("/proc/self/maps") as maps:
+        print("segments:", *sorted({line.split()[5] for line in maps if "/dev/shm/mpich_shm_" in line}), flush=True)
 for step in range(1000):
     fault_injection_point(comm, step)
     comm.allreduce(buf)

@@ -1,5 +1,6 @@
 """Run under mpiexec -n N with a folder as argument: each rank writes its pid to <folder>/pid<rank>; rank 0 then
-sleeps in Python while the others block inside MPI_Allreduce, waiting for the test to signal one of them."""
+sleeps in Python while the others block inside MPI_Allreduce, waiting for the test to signal one of them. Rank 0 also
+writes the files of /dev/shm that MPICH made for the job to <folder>/segments."""
 
 import os
 import sys
@@ -11,6 +12,9 @@ from dpnet.distributed import get_communicator
 
 comm = get_communicator()
 comm.barrier()
+if comm.rank == 0:
+    with open("/proc/self/maps") as maps, open(os.path.join(sys.argv[1], "segments"), "w") as out:
+        out.write(" ".join(sorted({line.split()[5] for line in maps if "/dev/shm/mpich_shm_" in line})))
 path = os.path.join(sys.argv[1], f"pid{comm.rank}")
 with open(path + ".tmp", "w") as f:
     f.write(str(os.getpid()))
