@@ -131,6 +131,7 @@ class MPICommunicator:
     """A communicator over mpi4py (default: MPI.COMM_WORLD). Buffers are NumPy arrays reduced in place."""
 
     def __init__(self, comm=None):
+        _skip_ucx_shared_memory()
         try:
             from mpi4py import MPI
         except ImportError as exc:
@@ -239,6 +240,19 @@ class MPICommunicator:
         time.sleep(0.2)  # let the launcher forward what this process just wrote: an aborted job's unread output is lost
         self._MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # MPICH's MPI_Abort can return before the process manager's kill arrives: never run on
+
+
+def _skip_ucx_shared_memory():
+    """Before MPI starts, when Hydra (the mpiexec of MPICH and its wheel) started every process on this machine: unless
+    the user set UCX_TLS, tell UCX to open no shared-memory transport (UCX_TLS=^sm).
+
+    MPICH carries the messages between processes of one machine through its own shared memory, never through its
+    network module; UCX's shared-memory transports (the wheel's default network module is UCX) would only map 4 MB of
+    FIFOs per process, a tenth of what a process adds to a job (python -m dpnet.bench --sections memory). Other
+    launchers (Open MPI's mpirun, whose UCX layer does carry a machine's messages; srun) are left alone."""
+    local, world = os.environ.get("MPI_LOCALNRANKS"), os.environ.get("PMI_SIZE")
+    if local and local == world and "UCX_TLS" not in os.environ and "mpi4py.MPI" not in sys.modules:
+        os.environ["UCX_TLS"] = "^sm"
 
 
 def _launched_size():

@@ -240,3 +240,20 @@ def test_launch_scripts_parse(script):
         result = subprocess.run(["shellcheck", "-s", "bash", str(LAUNCH / script)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout
 
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n", [2, 3])
+def test_one_machine_jobs_start_mpi_without_ucx_shared_memory(n, run_mpi):
+    """Hydra's jobs on one machine start MPI with UCX_TLS=^sm: MPICH's own shared memory carries their messages, and
+    UCX's shared-memory transports would only map 4 MB per process."""
+    result = run_mpi(n, "ucx_setting.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(re.findall(r"rank (\d) UCX_TLS=(\S+)", result.stdout)) == [(str(r), "^sm") for r in range(n)]
+
+
+@pytest.mark.timeout(60)
+def test_a_user_choice_of_ucx_transports_is_kept(run_mpi):
+    result = run_mpi(2, "ucx_setting.py", UCX_TLS="self,sm,tcp")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(re.findall(r"rank (\d) UCX_TLS=(\S+)", result.stdout)) == [("0", "self,sm,tcp"), ("1", "self,sm,tcp")]
