@@ -420,7 +420,8 @@ class Solver:
 
         At the end the model holds the parameters with the best validation accuracy (best_params), with the
         normalization state (running statistics) they were evaluated with; use_params("final") switches to the last
-        (final_params). With several processes only rank 0 keeps best_params and final_params.
+        (final_params). With several processes only rank 0 keeps best_params and final_params. A new best is copied
+        into best_params's arrays (not into new ones): copy them to keep an earlier best.
 
         With several processes, a SystemExit raised on one rank during training (say, a monitor on rank 0 calling
         sys.exit) ends the whole job through MPI_Abort with its exit code: the other ranks, waiting in a collective,
@@ -568,8 +569,8 @@ class Solver:
             self.best_val_acc = val_acc
             # Rank 0 keeps the copy (for the checkpoints it writes and use_params); the other ranks none.
             keep = self.comm.rank == 0
-            self.best_params = {name: value.copy() for name, value in self.model.params.items()} if keep else {}
-            self.best_norm_state = {name: value.copy() for name, value in self._norm_state().items()} if keep else {}
+            self.best_params = _copy_into(self.best_params, self.model.params) if keep else {}
+            self.best_norm_state = _copy_into(self.best_norm_state, self._norm_state()) if keep else {}
 
     def _end_epoch(self):
         if self.comm.size > 1:
@@ -613,6 +614,19 @@ class Solver:
             handler = getattr(monitor, event, None)
             if handler is not None:
                 handler(*args)
+
+
+def _copy_into(kept, arrays):
+    """Copies of `arrays` (name -> array) in `kept`'s arrays where their shapes and dtypes match (no parameter-sized
+    allocation, and no second copy alive while the first is replaced, at every new best), else in new arrays."""
+    def copy(name, value):
+        old = kept.get(name)
+        if isinstance(old, np.ndarray) and old.shape == value.shape and old.dtype == value.dtype and old.flags.writeable:
+            np.copyto(old, value)
+            return old
+        return value.copy()
+
+    return {name: copy(name, value) for name, value in arrays.items()}
 
 
 def _accepts_grads(loss_function):

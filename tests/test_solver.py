@@ -42,6 +42,28 @@ def test_training_learns_and_keeps_the_best_parameters(data):
         np.testing.assert_array_equal(model.params[name], value)
 
 
+def test_a_new_best_is_copied_into_the_arrays_kept_for_the_best(data):
+    """No parameter-sized allocation at each new best: the same arrays hold it, and hold the best one at the end."""
+    snapshots = []
+
+    class Watch:
+        def on_epoch_end(self, solver, info):
+            snapshots.append((info["val_acc"], {k: v.copy() for k, v in solver.model.params.items()},
+                              dict(solver.best_params)))
+
+    solver = Solver(_model(), data, update_rule="sgd", optim_config={"learning_rate": 0.02}, batch_size=30,
+                    num_epochs=4, seed=1, verbose=False, monitors=[Watch()])
+    solver.train()
+    improvements = [i for i in range(1, 4) if snapshots[i][0] > max(s[0] for s in snapshots[:i])]
+    assert improvements and snapshots[0][0] < solver.best_val_acc  # a later epoch improved on the first
+    kept = snapshots[0][2]
+    assert all(solver.best_params[k] is kept[k] for k in kept) and kept.keys() == solver.model.params.keys()
+    best = max(range(4), key=lambda i: (snapshots[i][0], -i))  # the first epoch with the highest accuracy
+    for name, value in snapshots[best][1].items():
+        np.testing.assert_array_equal(solver.best_params[name], value)
+        assert not np.array_equal(snapshots[0][1][name], value)  # not the first epoch's
+
+
 def test_same_seed_same_run_different_seed_different_run(data):
     def run(seed):
         solver = Solver(_model(dropout=0.8), data, batch_size=32, num_epochs=2, seed=seed, verbose=False,
