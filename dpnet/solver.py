@@ -26,6 +26,7 @@ import numpy as np
 
 from . import registry
 from .distributed import FusedBuffer, check_in_sync, fault_injection_point, get_communicator, make_reducer
+from .shared_copy import bcast_copy_on_write
 from .shared_sum import SharedSum
 from .sharding import ShardedState, check_shardable
 
@@ -75,7 +76,9 @@ class Solver:
       every process's activations (dpnet.factored_grads). During train() the
       gradients given to monitors and, sharded, the model's arrays are then shared memory (change the arrays on no
       process) that train() frees at its end: monitors must copy what they keep beyond a call. train() leaves each
-      process parameter arrays of its own
+      process parameter arrays of its own; on one machine they are copy-on-write mappings of one copy in memory
+      (dpnet.shared_copy), as are rank 0's best_params or final_params once use_params loaded them: a process's
+      writes to them stay its own
     """
 
     def __init__(self, model, data, **kwargs):
@@ -525,19 +528,38 @@ class Solver:
             self.model.bn_params[int(i)][key] = value
 
     def _broadcast_kept(self, which):
-        """Rank 0's best or final parameters and normalization state, on every rank (new arrays). Collective."""
-        params, norm = {"best": (self.best_params, self.best_norm_state),
-                        "final": (self.final_params, self.final_norm_state)}[which]
+        """Rank 0's best or final parameters and normalization state, on every rank (new arrays). Collective.
+
+        On one machine the new arrays are copy-on-write mappings of one copy in memory (dpnet.shared_copy), shared
+        until a process writes to its own; rank 0's kept ones then become a second such mapping, so that the copy it
+        kept and the model's are one in memory too."""
+        kept = {"best": (self.best_params, self.best_norm_state), "final": (self.final_params, self.final_norm_state)}
+        params, norm = kept[which]
         state = {f"param/{name}": value for name, value in self.model.params.items()}
         state.update({f"norm/{name}": value for name, value in self._norm_state().items()})
         held = np.array([len(params) > 0], dtype=np.int64)
         self.comm.bcast(held)
         if not held[0]:
             raise RuntimeError(f"use_params({which!r}): there are no {which} parameters yet (train() first)")
-        fused = FusedBuffer(state)  # laid out from this rank's arrays: the same names and shapes on every rank
-        if self.comm.rank == 0:
-            fused.pack({**{f"param/{k}": v for k, v in params.items()}, **{f"norm/{k}": v for k, v in norm.items()}})
-        self.comm.bcast(fused.buffer)
+        # Laid out as a FusedBuffer of this rank's arrays would be: the same names and shapes on every rank.
+        names = sorted(state)
+        size, dtype = sum(state[k].size for k in names), np.result_type(*(state[k].dtype for k in names))
+        root = self.comm.rank == 0
+        parts = [params[k[len("param/"):]] if k.startswith("param/") else norm[k[len("norm/"):]] for k in names] \
+            if root else None
+        buffers = bcast_copy_on_write(self.comm, parts, size, dtype, copies=2 if root else 1, shared=self.shared_memory)
+        loaded, *kept_again = [self._unfuse(FusedBuffer(state, buffer=buffer), state) for buffer in buffers]
+        if kept_again:
+            params, norm = kept_again[0]
+            if which == "best":
+                self.best_params, self.best_norm_state = params, norm
+            else:
+                self.final_params, self.final_norm_state = params, norm
+        return loaded
+
+    @staticmethod
+    def _unfuse(fused, state):
+        """(params, norm state) from the views of a FusedBuffer laid out from `state`, in state's dtypes."""
         out = {key: view.astype(state[key].dtype, copy=False) for key, view in fused.views.items()}
         return ({k[len("param/"):]: v for k, v in out.items() if k.startswith("param/")},
                 {k[len("norm/"):]: v for k, v in out.items() if k.startswith("norm/")})

@@ -257,3 +257,26 @@ def test_a_user_choice_of_ucx_transports_is_kept(run_mpi):
     result = run_mpi(2, "ucx_setting.py", UCX_TLS="self,sm,tcp")
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(re.findall(r"rank (\d) UCX_TLS=(\S+)", result.stdout)) == [("0", "self,sm,tcp"), ("1", "self,sm,tcp")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n", [2, 3])
+def test_bcast_copy_on_write(n, run_mpi):
+    """Every process gets root's array as private copy-on-write mappings of one file in /dev/shm, unlinked before the
+    call returns on root; without room there, plain arrays with the same values."""
+    result = run_mpi(n, "shared_copy.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == f"ok {n} ranks\n", result.stdout
+
+
+def test_bcast_copy_on_write_in_one_process():
+    from dpnet.distributed import SerialCommunicator
+    from dpnet.shared_copy import bcast_copy_on_write
+
+    parts = [np.arange(3, dtype=np.float32), np.ones((2, 2))]
+    (only,) = bcast_copy_on_write(SerialCommunicator(), parts, 7, np.float64, copies=2)  # nobody to share it with
+    assert np.array_equal(only, [0, 1, 2, 1, 1, 1, 1]) and only.dtype == np.float64
+    only[0] = 5
+    assert parts[0][0] == 0
+    with pytest.raises(ValueError, match="hold 7 elements, size says 8"):
+        bcast_copy_on_write(SerialCommunicator(), parts, 8, np.float64)

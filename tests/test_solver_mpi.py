@@ -108,6 +108,10 @@ def test_n_processes_compute_what_one_process_computes(mpi_results, case):
     factored = sharded and "unshared" not in case and "summed" not in case
     assert bool(ours["factored"]) == factored and not reference["factored"]
     assert ours["final_is_last"] and reference["final_is_last"]
+    # the trained model: one copy-on-write mapping per machine, unless told not to use shared memory
+    mapping = 0 if "unshared" in case else n
+    assert ours["ranks_mapping_the_model"] == mapping and ours["ranks_mapping_best"] == min(mapping, 1)
+    assert reference["ranks_mapping_the_model"] == reference["ranks_mapping_best"] == 0
     state_size, whole = int(ours["local_state_size"]), int(reference["local_state_size"])
     assert (state_size <= whole / n + 2) if sharded else state_size == whole, (state_size, whole)
 

@@ -97,7 +97,7 @@ def table_rows(results, args):
                          "<= 1.5" if p > 1 and "pss_ratio" in job else ""))
             if p > 1 and "training_pss_ratio" in job:
                 rows.append(("memory (CIFAR-10)", "  peak PSS (sum) while training, before train() returns (then "
-                             "every process holds the model)", f"{job['total_training_peak_pss_mb']:.0f} MB",
+                             "every process holds the trained model)", f"{job['total_training_peak_pss_mb']:.0f} MB",
                              f"1 process {mem['jobs']['1']['total_training_peak_pss_mb']:.0f} MB",
                              f"{job['training_pss_ratio']:.2f}", ""))
             if "per_extra_process_mb" in job:

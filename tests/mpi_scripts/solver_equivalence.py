@@ -13,6 +13,7 @@ import numpy as np
 from dpnet.classifiers.fc_net import FullyConnectedNet
 from dpnet.data_utils import ImageArray
 from dpnet.distributed import check_in_sync
+from dpnet.shared_copy import is_mapped
 from dpnet.solver import Solver
 
 SHAPE, CLASSES, NUM_TRAIN, NUM_VAL, BATCH, EPOCHS = (3, 4, 4), 5, 500, 70, 50, 2
@@ -117,6 +118,12 @@ def run(case, comm):
     solver.use_params("best")
     out["shared_memory"] = np.array(getattr(last, "shared", False))
     out["factored"] = np.array(getattr(last, "factored", False))
+    # On one machine the model that train() hands back is one copy in memory, mapped copy-on-write by every process,
+    # and so are rank 0's kept best parameters (dpnet.shared_copy).
+    mapped = all(is_mapped(value) for value in model.params.values())
+    out["ranks_mapping_the_model"] = comm.allreduce(np.array([mapped], dtype=np.int64))
+    mapped = len(solver.best_params) > 0 and all(is_mapped(value) for value in solver.best_params.values())
+    out["ranks_mapping_best"] = comm.allreduce(np.array([mapped], dtype=np.int64))
     holding = np.array([len(solver.best_params) > 0], dtype=np.int64)
     out["ranks_holding_best"] = comm.allreduce(holding)
     out["local_state_size"] = np.array(sum(value.size for config in solver.optim_configs.values()
