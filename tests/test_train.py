@@ -37,7 +37,8 @@ RECIPE = ["--augment", "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--w
 PARAMS = ["W1", "b1", "gamma1", "beta1", "W2", "b2", "gamma2", "beta2", "W3", "b3"]
 
 # Runs dpnet.train, SIGKILLing its own process right after the iteration $KILL_AT_ITERATION (rank 0 only: monitors
-# run there; under mpiexec the launcher then ends the other ranks).
+# run there; under mpiexec the launcher then ends the other ranks). It first writes the files of /dev/shm that MPICH
+# made for the job to ./mpich-segments: killed, nobody can remove them but the test (remove_killed_segments).
 KILLER = """
 import os, signal, sys
 from dpnet import monitor, train
@@ -48,11 +49,19 @@ original = monitor.TensorBoardMonitor.on_iteration_end
 def on_iteration_end(self, solver, info):
     original(self, solver, info)
     if info["iteration"] == kill_at:
+        with open("/proc/self/maps") as maps, open("mpich-segments", "w") as out:
+            out.write(" ".join({line.split()[5] for line in maps if "/dev/shm/mpich_shm_" in line}))
         os.kill(os.getpid(), signal.SIGKILL)
 
 monitor.TensorBoardMonitor.on_iteration_end = on_iteration_end
 sys.exit(train.main(sys.argv[1:]))
 """
+
+
+def remove_killed_segments(cwd):
+    """Unlink what a job killed by KILLER left in /dev/shm (MPI_Finalize would have)."""
+    for path in (Path(cwd) / "mpich-segments").read_text().split():
+        Path(path).unlink(missing_ok=True)
 
 
 def _env(cache, **extra):
@@ -411,6 +420,7 @@ def test_mpi_resume_after_sigkill_gives_the_uninterrupted_run(mpi2, cifar10_dir,
             "--checkpoint-dir", tmp_path / "ck"]
     killed = cli(*args, mpiexec=mpiexec, n=2, script=KILLER, cwd=tmp_path, cache=dpnet_cache_dir,
                  KILL_AT_ITERATION="15")
+    remove_killed_segments(tmp_path)
     assert killed.returncode != 0, killed.stdout
     last = tmp_path / "ck" / "last.npz"
     assert checkpoint(last)[1]["epoch"] == 1
