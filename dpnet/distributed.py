@@ -19,6 +19,8 @@ Environment variables:
   else cores / processes on this machine).
 - DPNET_FAULT_INJECT="rank=R,step=S" (testing only): `fault_injection_point(comm, S)` raises RuntimeError on rank R.
   Both keys are required integers; spaces are allowed around them.
+- UCX_TLS: set to "^sm" before MPI starts, unless set already, when Hydra started every process on this machine (see
+  `_skip_ucx_shared_memory`).
 """
 
 import collections
