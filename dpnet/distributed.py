@@ -506,14 +506,18 @@ class FusedBuffer:
 _SHM_DIR = "/dev/shm"
 
 
+_JOB_FILE_PREFIXES = (f" {_SHM_DIR}/mpich_shm_", f" {_SHM_DIR}/dpnet-copy-")  # as /proc/self/maps shows them
+
+
 def _unlink_mpich_shared_memory():
     """Unlink the files of /dev/shm that MPICH created for this job and that this process maps (its shared-memory
     segment of the processes on this machine; MPI_Finalize would remove it). MPI_Abort kills the processes before
-    they can: without this, every aborted job would leave megabytes in /dev/shm, for good. The processes that map them
-    keep their mappings until they exit."""
+    they can: without this, every aborted job would leave megabytes in /dev/shm, for good. The same for a file of
+    dpnet.shared_copy caught between its mapping and its unlinking. The processes that map them keep their mappings
+    until they exit."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split(None, 5)[5].rstrip("\n") for line in maps if f" {_SHM_DIR}/mpich_shm_" in line}
+            paths = {line.split(None, 5)[5].rstrip("\n") for line in maps if any(p in line for p in _JOB_FILE_PREFIXES)}
     except OSError:
         return
     for path in paths:

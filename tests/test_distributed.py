@@ -280,3 +280,31 @@ def test_bcast_copy_on_write_in_one_process():
     assert parts[0][0] == 0
     with pytest.raises(ValueError, match="hold 7 elements, size says 8"):
         bcast_copy_on_write(SerialCommunicator(), parts, 8, np.float64)
+
+
+def test_an_abort_unlinks_the_job_files_this_process_maps():
+    """What comm.abort() removes from /dev/shm before MPI_Abort: the MPICH segments and dpnet.shared_copy files that
+    this process maps (here a stand-in of each), nothing it does not map."""
+    import mmap
+    import tempfile
+
+    if not os.path.isdir(distributed._SHM_DIR):
+        pytest.skip("no /dev/shm on this system")
+    paths = []
+    for prefix in ("mpich_shm_dpnet-test-", "dpnet-copy-", "mpich_shm_dpnet-test-unmapped-"):
+        descriptor, path = tempfile.mkstemp(prefix=prefix, dir=distributed._SHM_DIR)
+        os.close(descriptor)
+        paths.append(path)
+    try:
+        mappings = []
+        for path in paths[:2]:
+            with open(path, "wb") as file:
+                file.write(b"\0" * 4096)
+            with open(path, "rb") as file:
+                mappings.append(mmap.mmap(file.fileno(), 4096, access=mmap.ACCESS_READ))
+        distributed._unlink_mpich_shared_memory()
+        assert [os.path.exists(path) for path in paths] == [False, False, True]
+    finally:
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
