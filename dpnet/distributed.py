@@ -517,7 +517,8 @@ def _unlink_mpich_shared_memory():
     until they exit."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split(None, 5)[5].rstrip("\n") for line in maps if any(p in line for p in _JOB_FILE_PREFIXES)}
+            paths = {line.split(None, 5)[5].rstrip("\n") for line in maps
+                     if any(prefix in line for prefix in _JOB_FILE_PREFIXES)}
     except OSError:
         return
     for path in paths:

@@ -643,7 +643,8 @@ def _copy_into(kept, arrays):
     allocation, and no second copy alive while the first is replaced, at every new best), else in new arrays."""
     def copy(name, value):
         old = kept.get(name)
-        if isinstance(old, np.ndarray) and old.shape == value.shape and old.dtype == value.dtype and old.flags.writeable:
+        fits = isinstance(old, np.ndarray) and old.shape == value.shape and old.dtype == value.dtype
+        if fits and old.flags.writeable:
             np.copyto(old, value)
             return old
         return value.copy()

@@ -181,7 +181,7 @@ def test_fault_on_one_rank_aborts_the_whole_job(run_mpi):
     assert "dpnet: rank 1 of 3 failed with an unhandled RuntimeError" in result.stderr
     assert "Traceback" in result.stderr and "injected fault on rank 1 at step 5" in result.stderr
     assert "finished" not in result.stdout
-    segments = re.search(r"segments:(.*)", result.stdout)[1].split()  # MPICH's files in /dev/shm: the abort removed them
+    segments = re.search(r"segments:(.*)", result.stdout)[1].split()  # MPICH's files in /dev/shm: the abort removes
     assert segments and not any(os.path.exists(path) for path in segments), segments
 
 
@@ -208,7 +208,7 @@ def test_signal_on_a_rank_blocked_in_allreduce_aborts_the_whole_job(sig, tmp_pat
     assert proc.returncode != 0
     assert elapsed < 15
     assert f"dpnet: rank 1 of 3 received {sig.name}" in stderr, stderr
-    segments = (tmp_path / "segments").read_text().split()  # MPICH's files in /dev/shm: the abort removed them
+    segments = (tmp_path / "segments").read_text().split()  # MPICH's files in /dev/shm: the abort removes
     assert segments and not any(os.path.exists(path) for path in segments), segments
 
 

@@ -28,7 +28,8 @@ for through_file in (True, False):
     assert len(arrays) == (copies if through_file else 1), arrays  # a plain array: one (a second would cost a copy)
     assert all(a.shape == (15,) and a.dtype == np.float64 for a in arrays), arrays
     assert all(np.array_equal(a, expected) for a in arrays), arrays
-    assert all(shared_copy.is_mapped(a) == through_file for a in arrays), (through_file, [shared_copy.is_mapped(a) for a in arrays])
+    mapped = [shared_copy.is_mapped(a) for a in arrays]
+    assert mapped == [through_file] * len(arrays), (through_file, mapped)
     if r == root:
         assert ours() == before, ours()  # the file is gone already, whatever happens next
     arrays[0][:] = r  # a process's writes stay its own: nobody else's copy, nor its second one, changes
