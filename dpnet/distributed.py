@@ -238,7 +238,7 @@ class MPICommunicator:
     def abort(self, code=1):
         """End every process of the job (MPI_COMM_WORLD) with exit code `code`; does not return."""
         _flush_std_streams()
-        _unlink_mpich_shared_memory()
+        _unlink_job_shared_memory_files()
         time.sleep(0.2)  # let the launcher forward what this process just wrote: an aborted job's unread output is lost
         self._MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # MPICH's MPI_Abort can return before the process manager's kill arrives: never run on
@@ -509,24 +509,28 @@ _SHM_DIR = "/dev/shm"
 _JOB_FILE_PREFIXES = (f" {_SHM_DIR}/mpich_shm_", f" {_SHM_DIR}/dpnet-copy-")  # as /proc/self/maps shows them
 
 
-def _unlink_mpich_shared_memory():
-    """Unlink the files of /dev/shm that MPICH created for this job and that this process maps (its shared-memory
-    segment of the processes on this machine; MPI_Finalize would remove it). MPI_Abort kills the processes before
-    they can: without this, every aborted job would leave megabytes in /dev/shm, for good. The same for a file of
-    dpnet.shared_copy caught between its mapping and its unlinking. The processes that map them keep their mappings
-    until they exit."""
+def job_shared_memory_files():
+    """The files of /dev/shm, still linked, that this process maps and that belong to its job: MPICH's segment of the
+    processes on this machine (MPI_Finalize removes it) and a file of dpnet.shared_copy between its mapping and its
+    unlinking. Empty where there is no /proc."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split(None, 5)[5].rstrip("\n") for line in maps
-                     if any(prefix in line for prefix in _JOB_FILE_PREFIXES)}
+            lines = [line.split(None, 5)[5].rstrip("\n") for line in maps
+                     if any(prefix in line for prefix in _JOB_FILE_PREFIXES)]
     except OSError:
-        return
-    for path in paths:
-        if not path.endswith(" (deleted)"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        return set()
+    return {path for path in lines if not path.endswith(" (deleted)")}
+
+
+def _unlink_job_shared_memory_files():
+    """Unlink job_shared_memory_files(). MPI_Abort kills the processes before MPI_Finalize can: without this, every
+    aborted job would leave megabytes in /dev/shm, for good. The processes that map the files keep their mappings
+    until they exit."""
+    for path in job_shared_memory_files():
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _shared_memory_room():

@@ -302,7 +302,8 @@ def test_an_abort_unlinks_the_job_files_this_process_maps():
                 file.write(b"\0" * 4096)
             with open(path, "rb") as file:
                 mappings.append(mmap.mmap(file.fileno(), 4096, access=mmap.ACCESS_READ))
-        distributed._unlink_mpich_shared_memory()
+        assert set(paths[:2]) <= distributed.job_shared_memory_files()
+        distributed._unlink_job_shared_memory_files()
         assert [os.path.exists(path) for path in paths] == [False, False, True]
     finally:
         for path in paths:

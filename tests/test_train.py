@@ -41,7 +41,7 @@ PARAMS = ["W1", "b1", "gamma1", "beta1", "W2", "b2", "gamma2", "beta2", "W3", "b
 # made for the job to ./mpich-segments: killed, nobody can remove them but the test (remove_killed_segments).
 KILLER = """
 import os, signal, sys
-from dpnet import monitor, train
+from dpnet import distributed, monitor, train
 
 kill_at = int(os.environ["KILL_AT_ITERATION"])
 original = monitor.TensorBoardMonitor.on_iteration_end
@@ -49,8 +49,8 @@ original = monitor.TensorBoardMonitor.on_iteration_end
 def on_iteration_end(self, solver, info):
     original(self, solver, info)
     if info["iteration"] == kill_at:
-        with open("/proc/self/maps") as maps, open("mpich-segments", "w") as out:
-            out.write(" ".join({line.split()[5] for line in maps if "/dev/shm/mpich_shm_" in line}))
+        with open("mpich-segments", "w") as out:
+            out.write(" ".join(distributed.job_shared_memory_files()))
         os.kill(os.getpid(), signal.SIGKILL)
 
 monitor.TensorBoardMonitor.on_iteration_end = on_iteration_end

@@ -4,14 +4,13 @@ fault must end the whole job (the other ranks are then blocked in allreduce). Ra
 
 import numpy as np
 
-from dpnet.distributed import fault_injection_point, get_communicator
+from dpnet.distributed import fault_injection_point, get_communicator, job_shared_memory_files
 
 comm = get_communicator()
 buf = np.zeros(8)
 comm.allreduce(buf)
 if comm.rank == 0:
-    with open("/proc/self/maps") as maps:
-        print("segments:", *sorted({line.split()[5] for line in maps if "/dev/shm/mpich_shm_" in line}), flush=True)
+    print("segments:", *sorted(job_shared_memory_files()), flush=True)
 for step in range(1000):
     fault_injection_point(comm, step)
     comm.allreduce(buf)

@@ -8,13 +8,13 @@ import time
 
 import numpy as np
 
-from dpnet.distributed import get_communicator
+from dpnet.distributed import get_communicator, job_shared_memory_files
 
 comm = get_communicator()
 comm.barrier()
 if comm.rank == 0:
-    with open("/proc/self/maps") as maps, open(os.path.join(sys.argv[1], "segments"), "w") as out:
-        out.write(" ".join(sorted({line.split()[5] for line in maps if "/dev/shm/mpich_shm_" in line})))
+    with open(os.path.join(sys.argv[1], "segments"), "w") as out:
+        out.write(" ".join(sorted(job_shared_memory_files())))
 path = os.path.join(sys.argv[1], f"pid{comm.rank}")
 with open(path + ".tmp", "w") as f:
     f.write(str(os.getpid()))
