@@ -32,7 +32,7 @@ class Augmentation:
         return flips, dy, dx
 
     def apply(self, X, choices):
-        """Transform the images X (n, C, H, W) by choices (from draw, sliced to the same n rows); returns a new array."""
+        """Transform the images X (n, C, H, W) by choices (from draw, sliced to the same n rows): a new array."""
         flips, dy, dx = choices
         if X.ndim != 4:
             raise ValueError(f"augmentation needs images of shape (N, C, H, W), got {X.shape}")

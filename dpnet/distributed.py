@@ -272,8 +272,8 @@ def get_communicator(kind=None):
 
     kind None or "auto": the MPI world if an MPI launcher (mpiexec/mpirun, srun) started more than one process, judged
     from the launcher's environment variables so that mpi4py is not even imported otherwise; else serial.
-    "serial" or "mpi" force a kind. Raises ImportError (saying `pip install dpnet[mpi]`) when MPI is needed but mpi4py is
-    missing, and RuntimeError when the launcher started N processes but MPI sees another number (e.g. srun without
+    "serial" or "mpi" force a kind. Raises ImportError (saying `pip install dpnet[mpi]`) when MPI is needed but mpi4py
+    is missing, and RuntimeError when the launcher started N processes but MPI sees another number (e.g. srun without
     --mpi=pmi2/pmix starts N independent single processes).
     """
     if kind == "serial":
@@ -604,4 +604,5 @@ def check_in_sync(comm, flat_params, where=""):
     if differ:
         agree = [r for r in range(comm.size) if hashes[r] == reference]
         raise RuntimeError(f"parameters differ across processes{' ' + where if where else ''}: rank(s) {differ} "
-                           f"disagree with rank(s) {agree} ({sum(a.size for a in arrays)} values checked); the replicas have diverged")
+                           f"disagree with rank(s) {agree} ({sum(a.size for a in arrays)} values checked); "
+                           "the replicas have diverged")

@@ -3,9 +3,9 @@
 `bcast_copy_on_write(comm, parts, size, dtype)` gives every process root's arrays `parts`, back to back in one new
 array, like a broadcast. When all processes run on one machine, root writes them into a file in /dev/shm and every
 process maps that file privately (MAP_PRIVATE): the processes read the same physical pages until one writes to its
-array, and then only the pages it writes become its own. Root unlinks the file before the call returns, so nothing is left behind and the memory
-goes when the last process drops its array (an ordinary NumPy array whose base is the mapping: no collective free, and
-a change on one process never reaches another, as with a broadcast).
+array, and then only the pages it writes become its own. Root unlinks the file before the call returns, so nothing is
+left behind and the memory goes when the last process drops its array (an ordinary NumPy array whose base is the
+mapping: no collective free, and a change on one process never reaches another, as with a broadcast).
 
 This is how the data-parallel Solver hands every process the trained model: identical replicas, read by most processes
 and written by none, each a parameter-sized copy otherwise.

@@ -13,7 +13,8 @@ bitwise identical (dpnet.distributed.check_in_sync).
 Monitors (see dpnet.monitor) receive `on_train_begin(solver)`, `on_iteration_end(solver, info)`,
 `on_epoch_end(solver, info)` and `on_train_end(solver, info)` on rank 0 only. The iteration info holds `iteration`
 (1-based), `epoch` (completed epochs), `loss`, `learning_rate`, `grads` (the averaged gradients, valid during the
-call; with shard_optimizer only at an epoch's last iteration, else None), `grad_norm`, `batch_size`, `step_seconds` and `samples_per_sec`; the epoch info holds `iteration`, `epoch`, `train_acc`, `val_acc` and `learning_rate`.
+call; with shard_optimizer only at an epoch's last iteration, else None), `grad_norm`, `batch_size`, `step_seconds`
+and `samples_per_sec`; the epoch info holds `iteration`, `epoch`, `train_acc`, `val_acc` and `learning_rate`.
 """
 
 import functools
