@@ -119,5 +119,39 @@ def test_weight_decay_benchmark_runs():
     with contextlib.redirect_stdout(out):
         module["main"](["--hidden-dims", "8", "--steps", "2", "--warmup", "1", "--threads", "1"])
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("sgd_momentum, FullyConnectedNet([8]), batch 256, weight decay 0.005") and len(lines) == 4
+    assert len(lines) == 4
+    assert lines[0].startswith("sgd_momentum, FullyConnectedNet([8]), batch 256, weight decay 0.005")
     assert "inside the rule's pass" in lines[1] and "a pass of its own" in lines[2] and lines[3].startswith("  ratio")
+
+
+def test_update_kernels_benchmark_runs():
+    """benchmarks/bench_update_kernels.py, tiny, with dpnet's own kernel (numexpr is optional: without it, its row says
+    how to install it): the step is timed in a worker process and the update agrees with itself exactly."""
+    import contextlib
+    import importlib.util
+    import io
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_update_kernels.py"
+    module = runpy.run_path(str(script))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module["main"](["--kernels", "numpy", "numexpr", "--dtypes", "float64", "--rules", "adam", "--rounds", "1",
+                        "--steps", "2", "--warmup", "1"])
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("FullyConnectedNet([512, 512]), batch 256, 2 BLAS threads; medians of 2 steps x 1")
+    numpy_row = lines[2].split()
+    assert numpy_row[:3] == ["float64", "adam", "numpy"] and numpy_row[6:8] == ["1.00x", "0.0e+00"]
+    update, rest, step = map(float, numpy_row[3:6])
+    assert 0 < update < step and 0 < rest < step
+    memory = "PSS summed over 1 / 4 processes that imported dpnet and the kernel's package and ran the kernel once: "
+    if importlib.util.find_spec("numexpr") is None:
+        assert lines[3].startswith(memory + "numpy ") and "numexpr" not in lines[3]
+        assert lines[4] == "numexpr: not installed (pip install numexpr)"
+    else:
+        assert lines[3].split()[:3] == ["float64", "adam", "numexpr"] and float(lines[3].split()[7]) < 1e-12
+        assert lines[4].startswith(memory + "numpy ") and ", numexpr " in lines[4]
+    memory_line = next(line for line in lines if line.startswith(memory))
+    one, four = map(float, memory_line.split("numpy ")[1].split(" MB")[0].split(" / "))
+    assert 0 < one < four  # four processes hold more than one
