@@ -161,19 +161,12 @@ def largest_difference(update, rule, dtype):
     return max(float(np.max(np.abs(a - b)) / np.max(np.abs(a))) for a, b in zip(*results))
 
 
-def pss_mb():
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("Pss:"))
-    except (OSError, StopIteration):
-        return None
-
-
 def worker(spec):
     """In a process of its own: time every (dtype, rule) of one kernel. Returns {case: {...}}."""
     from threadpoolctl import threadpool_limits
 
     from dpnet.bench.common import synthetic_batch
+    from dpnet.bench.memory import memory_now
     from dpnet.classifiers.fc_net import FullyConnectedNet
     from dpnet.distributed import SerialCommunicator
     from dpnet.solver import Solver
@@ -211,7 +204,7 @@ def worker(spec):
                         updates.append(sum(spent))
                 results[f"{dtype} {rule}"] = dict(steps=steps, updates=updates,
                                                   difference=largest_difference(update, rule, dtype))
-    return dict(cases=results, pss_mb=pss_mb())
+    return dict(cases=results, pss_mb=memory_now()[1])
 
 
 def hold(kernel):
@@ -228,6 +221,8 @@ def hold(kernel):
 
 def import_memory(kernels, counts=(1, 4)):
     """{kernel: {n: summed PSS in MB of n processes holding the kernel's packages}} (see hold)."""
+    from dpnet.bench.memory import memory_now
+
     results = {}
     for kernel in kernels:
         results[kernel] = {}
@@ -239,11 +234,7 @@ def import_memory(kernels, counts=(1, 4)):
                 for process in processes:
                     if process.stdout.readline().strip() != "ready":
                         raise RuntimeError(f"a process holding {kernel} failed (exit {process.wait(60)})")
-                total = 0.0
-                for process in processes:
-                    with open(f"/proc/{process.pid}/smaps_rollup") as f:
-                        total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
-                results[kernel][n] = total
+                results[kernel][n] = sum(memory_now(process.pid)[1] for process in processes)
             finally:
                 for process in processes:
                     process.stdin.close()
@@ -279,6 +270,8 @@ def main(argv=None):
 
     import importlib.util
 
+    from dpnet.bench.common import median_ms
+
     kernels = [k for k in args.kernels if k not in PACKAGE or importlib.util.find_spec(PACKAGE[k])]
     missing = [k for k in args.kernels if k not in kernels]
     runs = {k: [] for k in kernels}
@@ -298,8 +291,7 @@ def main(argv=None):
             for kernel in kernels:
                 steps = np.concatenate([run["cases"][case]["steps"] for run in runs[kernel]])
                 updates = np.concatenate([run["cases"][case]["updates"] for run in runs[kernel]])
-                step, update = 1e3 * np.median(steps), 1e3 * np.median(updates)
-                rest = 1e3 * np.median(steps - updates)
+                step, update, rest = median_ms(steps), median_ms(updates), median_ms(steps - updates)
                 numpy_step = step if kernel == "numpy" else numpy_step
                 ratio = f"{numpy_step / step:.2f}x" if numpy_step else ""
                 difference = max(run["cases"][case]["difference"] for run in runs[kernel])

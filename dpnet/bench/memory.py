@@ -7,12 +7,13 @@ import tempfile
 from .common import MPI_HINT, _progress, mpiexec, run_worker
 
 
-def memory_now():
-    """(RSS, PSS, USS) of this process now, in MB, from /proc/self/smaps_rollup (Nones where there is none). USS is
-    the memory private to the process (Private_Clean + Private_Dirty): what one more process costs."""
+def memory_now(pid="self"):
+    """(RSS, PSS, USS) of this process (or of process `pid`) now, in MB, from /proc/<pid>/smaps_rollup (Nones where
+    there is none). USS is the memory private to the process (Private_Clean + Private_Dirty): what one more process
+    costs."""
     keys = ("Rss:", "Pss:", "Private_Clean:", "Private_Dirty:")
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             fields = {parts[0]: int(parts[1]) / 1024 for parts in map(str.split, f) if parts and parts[0] in keys}
     except OSError:
         return None, None, None
