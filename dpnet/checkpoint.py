@@ -103,6 +103,9 @@ def _new_temporary_file(folder):
 
 def load_checkpoint(path):
     """Read a checkpoint into (arrays, meta) without unpickling anything; errors name the file."""
+    if os.path.exists(path) and not zipfile.is_zipfile(path):  # np.load would call any other file pickled data
+        raise CheckpointError(f"checkpoint {path} is not a readable dpnet checkpoint: not an .npz archive, or a "
+                              "truncated one")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}

@@ -198,8 +198,12 @@ def test_checkpoint_files_that_are_not_checkpoints(data, tmp_path):
         restore_checkpoint(solver, tmp_path / "missing.npz")
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(CheckpointError, match="garbage.npz"):
+    with pytest.raises(CheckpointError, match="garbage.npz is not a readable dpnet checkpoint: not an .npz archive"):
         restore_checkpoint(solver, garbage)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")  # NumPy alone would say that it holds pickled data
+    with pytest.raises(CheckpointError, match=r"notes.txt is not a readable dpnet checkpoint: not an .npz archive, or"):
+        restore_checkpoint(solver, text)
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, meta=np.array([{"a": 1}], dtype=object))
     with pytest.raises(CheckpointError, match="pickled.npz"):
