@@ -210,9 +210,8 @@ def worker(spec):
 def hold(kernel):
     """In a process of its own: load what `kernel` needs and run it once on a small array, say "ready", and wait for
     standard input to close (what import_memory measures meanwhile)."""
-    from dpnet.classifiers.fc_net import FullyConnectedNet  # what every kernel's process holds
+    import dpnet.classifiers.fc_net  # noqa: F401 (what every worker holds besides the kernel)
 
-    del FullyConnectedNet
     update = make_update(kernel, "sgd")
     update(np.zeros(8), np.ones(8), dict(HYPER["sgd"]))
     print("ready", flush=True)
