@@ -1,5 +1,5 @@
-"""Tests of dpnet.data_utils: safe loading, splits, lazy images, the image cache, locating and downloading (the
-download is dpnet.download's, reached through data_utils as users reach it).
+"""Tests of dpnet.data_utils (the dpnet.data package behind it): safe loading, splits, lazy images, the image cache,
+locating and downloading (the download is dpnet.data.download's, reached through data_utils as users reach it).
 
 Most tests use a small fake CIFAR-10 (a few random images per batch, pickled like the official files) written into
 tmp_path. Tests of the real data take its location from $DPNET_TEST_DATA_DIR (fixture cifar10_dir in conftest.py).
@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from dpnet import data_utils as du
+from dpnet.data.layout import missing_files
 
 N_PER_BATCH = 6  # images per fake training batch: 30 training images in all
 N_TEST = 8
@@ -492,14 +493,23 @@ def leftovers(folder):
 
 
 def test_importing_data_utils_leaves_the_download_modules_out():
-    """The HTTP, URL and tar modules come in with dpnet.download, only when a download happens (numpy imports none
-    of these three), so they cost no memory in a training process that finds the data."""
-    code = ("import sys, dpnet.data_utils; "
-            "print(sorted(m for m in ('http.client','urllib.request','tarfile') if m in sys.modules))")
+    """The HTTP, URL and tar modules come in with dpnet.data.download, only when a download happens (numpy imports
+    none of these three), so they cost no memory in a training process that finds the data."""
+    code = ("import sys, dpnet.data_utils; print(sorted(m for m in "
+            "('http.client','urllib.request','tarfile','dpnet.data.download') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(du.__file__)))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_download_names_are_the_download_modules_own():
+    from dpnet.data import download
+    for name in ("download_CIFAR10", "ChecksumError", "ArchiveError", "DownloadError", "CIFAR10_URL", "CIFAR10_MD5",
+                 "URL_ENV"):
+        assert getattr(du, name) is getattr(download, name) and name in dir(du)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        du.nope
 
 
 def test_download_verifies_extracts_and_happens_once(server, archive, tmp_path):
@@ -541,7 +551,7 @@ def test_download_url_from_the_environment_into_a_named_folder(server, archive, 
     monkeypatch.setenv(du.URL_ENV, server.url("/mirror.tar.gz"))
     target = tmp_path / "x" / du.CIFAR10_FOLDER  # data_dir may name the batches folder itself
     assert du.locate_CIFAR10(target, md5=md5, progress=True) == target
-    assert server.requests == ["/mirror.tar.gz"] and not du._missing_files(target)
+    assert server.requests == ["/mirror.tar.gz"] and not missing_files(target)
 
 
 def test_download_from_a_file_url(archive, tmp_path, monkeypatch):

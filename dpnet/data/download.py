@@ -6,10 +6,8 @@ plain file or folder inside ``cifar-10-batches-py/`` (``ArchiveError``), and ext
 that is renamed into place only once it holds every batch. Network failures raise ``DownloadError``, whose text says
 how to get the data by hand. Nothing partial is left behind, and processes downloading into one folder take turns.
 
-This module is imported only when a download is needed (``data_utils.locate_CIFAR10`` imports it then, and
-``data_utils`` re-exports its names on first access): the HTTP, URL and tar modules of the standard library stay out
-of every process that finds the data already in place. Where the data lives and which files it must hold are
-``data_utils``'s business; this module takes them from there.
+This module is imported only when needed (by ``locate.locate_CIFAR10`` when it must download, by ``dpnet.data_utils``
+on first access to one of its names), so the HTTP, URL and tar modules stay out of every process that finds the data.
 """
 
 import hashlib
@@ -23,7 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 
-from .data_utils import CIFAR10_FOLDER, DATA_DIR_ENV, _dir_lock, _missing_files
+from .layout import CIFAR10_FOLDER, DATA_DIR_ENV, missing_files
+from .lock import dir_lock
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -59,8 +58,8 @@ def download_CIFAR10(dest_dir, url=None, md5=None, progress=None):
     md5 = CIFAR10_MD5 if md5 is None else md5
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / CIFAR10_FOLDER
-    with _dir_lock(dest_dir):
-        if not _missing_files(target):
+    with dir_lock(dest_dir):
+        if not missing_files(target):
             return target
         archive = _fetch(url, dest_dir, md5, progress)
         try:
@@ -138,13 +137,13 @@ def _extract(archive, dest_dir):
     tmp = Path(tempfile.mkdtemp(prefix=".cifar-10-extract.", dir=dest_dir))
     try:
         _safe_extract(archive, tmp)
-        missing = _missing_files(tmp / CIFAR10_FOLDER)
+        missing = missing_files(tmp / CIFAR10_FOLDER)
         if missing:
             raise ArchiveError(f"{archive}: the archive lacks {CIFAR10_FOLDER}/{', '.join(missing)}")
         try:
             os.rename(tmp / CIFAR10_FOLDER, dest_dir / CIFAR10_FOLDER)
         except OSError:
-            if _missing_files(dest_dir / CIFAR10_FOLDER):  # not someone else's complete copy: a real failure
+            if missing_files(dest_dir / CIFAR10_FOLDER):  # not someone else's complete copy: a real failure
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
