@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-from .registry import Layer, PluginError, UnknownNameError, hookimpl  # noqa: E402,F401
+from .plugins.registry import Layer, PluginError, UnknownNameError, hookimpl  # noqa: E402,F401

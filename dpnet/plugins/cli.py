@@ -10,9 +10,9 @@ ones are listed too, with the reason. Exits with status 1 when a plugin is broke
 
 import argparse
 import json
-import sys
 
 from . import registry
+from .loader import NO_AUTOLOAD_ENV, env_flag
 
 
 def _provides(info):
@@ -47,6 +47,7 @@ def format_table(infos):
 
 
 def main(argv=None):
+    """Print the listing (argv: the arguments, default sys.argv[1:]); return the exit status."""
     parser = argparse.ArgumentParser(prog="python -m dpnet.plugins",
                                      description="List dpnet's plugins: built-ins and those installed through the "
                                                  "'dpnet' entry point group.")
@@ -55,13 +56,9 @@ def main(argv=None):
     infos = registry.list_plugins()
     errors = [info.reason for info in infos if info.status == "error"]
     if args.json:
-        autoload = not registry._env_flag(registry.NO_AUTOLOAD_ENV)
+        autoload = not env_flag(NO_AUTOLOAD_ENV)
         print(json.dumps({"plugins": [info.to_dict() for info in infos], "autoload": autoload, "errors": errors},
                          indent=2))
     else:
         print(format_table(infos))
     return 1 if errors else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Checks for plugin authors (and for dpnet's own layers): call them from your tests.
+
+- ``check_layer(layer)``: gradient-checks a ``dpnet.Layer`` of any kind in float64 against centred differences and
+  checks shapes, dtypes (a float32 input stays float32) and that inputs are not modified.
+- ``check_update_rule(rule)``: checks the signature ``rule(w, dw, config=None) -> (next_w, config)``, that ``w`` and
+  ``dw`` are not modified, that hyper-parameters and all state live in the config (a run resumed from a copy of the
+  config matches the uninterrupted run, as a checkpoint needs), that the rule decreases a convex quadratic, and that
+  its in-place variant ``rule.in_place``, if it has one, agrees with it.
+- ``check_plugin(name)``: the plugin is installed and loaded through its entry point, and all of the above pass for
+  every layer and rule it provides.
+
+Each raises an ``AssertionError`` saying what is wrong: which gradient is off and by how much, which step of the
+contract was broken.
+"""
+
+import copy
+import inspect
+
+import numpy as np
+
+from ..gradient_check import eval_numerical_gradient, eval_numerical_gradient_array
+from . import registry
+from .records import Layer, signature_problem
+
+__all__ = ["check_layer", "check_update_rule", "check_plugin", "gradient_error"]
+
+# Types an update rule may keep in its config (what a checkpoint can save).
+_CONFIG_TYPES = (np.ndarray, np.generic, bool, int, float, str, type(None))
+
+
+def gradient_error(analytic, numerical):
+    """Relative error of a gradient: ||analytic - numerical|| / max(||analytic|| + ||numerical||, 1e-8)."""
+    analytic, numerical = np.asarray(analytic, dtype=np.float64), np.asarray(numerical, dtype=np.float64)
+    denominator = max(np.linalg.norm(analytic) + np.linalg.norm(numerical), 1e-8)
+    return float(np.linalg.norm(analytic - numerical) / denominator)
+
+
+def _fail(what, message):
+    raise AssertionError(f"{what}: {message}")
+
+
+def _compare(what, grad_name, analytic, numerical, tol):
+    """Assert that an analytic gradient matches the numerical one; the message says which and by how much."""
+    if np.shape(analytic) != np.shape(numerical):
+        _fail(what, f"gradient {grad_name} has shape {np.shape(analytic)}, expected {np.shape(numerical)}")
+    if not np.all(np.isfinite(analytic)):
+        _fail(what, f"gradient {grad_name} is not finite: {analytic!r}")
+    error = gradient_error(analytic, numerical)
+    if not error <= tol:
+        diff = np.abs(np.asarray(analytic, dtype=np.float64) - numerical)
+        worst = np.unravel_index(np.argmax(diff), diff.shape) if diff.ndim else ()
+        _fail(what, f"gradient {grad_name} is off: relative error {error:.2e} > {tol:.0e} (worst element "
+                    f"{tuple(int(i) for i in worst)}: analytic {np.asarray(analytic)[worst]:.8g}, numerical "
+                    f"{numerical[worst]:.8g})")
+
+
+def _pair(what, result, names):
+    if not isinstance(result, tuple) or len(result) != 2:
+        _fail(what, f"forward must return a tuple {names}, got {type(result).__name__} {result!r:.80}")
+    return result
+
+
+def _array(what, name, value, shape, dtype):
+    if not isinstance(value, np.ndarray):
+        _fail(what, f"{name} must be a NumPy array, got {type(value).__name__}")
+    if value.shape != shape:
+        _fail(what, f"{name} has shape {value.shape}, expected {shape}")
+    if value.dtype != dtype:
+        _fail(what, f"{name} has dtype {value.dtype} for a {np.dtype(dtype)} input (dtypes must be preserved: a "
+                    f"float32 model must not compute in float64)")
+    return value
+
+
+def _unchanged(what, name, value, original):
+    if not np.array_equal(value, original, equal_nan=True):
+        _fail(what, f"modified its input {name} in place (layers and rules must not modify their inputs)")
+
+
+def _activation(layer, what, rng, x, tol, h):
+    if x is None:
+        x = rng.uniform(-3, 3, size=(4, 6))
+        x[np.abs(x) < 1e-2] = 0.5  # keep centred differences away from a kink at 0 (relu-like layers)
+    x = np.array(x, dtype=np.float64)
+    for dtype in (np.float32, np.float64):
+        xd = x.astype(dtype)
+        x0 = xd.copy()
+        out, cache = _pair(what, layer.forward(xd), "(out, cache)")
+        _array(what, "out", out, xd.shape, xd.dtype)
+        dout = rng.standard_normal(xd.shape).astype(dtype)
+        dx = _array(what, "dx", layer.backward(dout, cache), xd.shape, xd.dtype)
+        _unchanged(what, "x", xd, x0)
+    numerical = eval_numerical_gradient_array(lambda v: layer.forward(v)[0], x.copy(), dout, h=h)
+    _compare(what, "dx", dx, numerical, tol)
+
+
+def _normalization(layer, what, rng, x, tol, h):
+    if x is None:
+        x = 3 * rng.standard_normal((5, 4)) + 2
+    x = np.array(x, dtype=np.float64)
+    D = x.shape[1]
+    gamma, beta = rng.uniform(0.5, 1.5, D), rng.standard_normal(D)
+    for dtype in (np.float32, np.float64):
+        args = [a.astype(dtype) for a in (x, gamma, beta)]
+        originals = [a.copy() for a in args]
+        out, cache = _pair(what, layer.forward(*args, {"mode": "train"}), "(out, cache)")
+        _array(what, "out", out, x.shape, dtype)
+        dout = rng.standard_normal(x.shape).astype(dtype)
+        grads = layer.backward(dout, cache)
+        if not isinstance(grads, tuple) or len(grads) != 3:
+            _fail(what, f"backward must return a tuple (dx, dgamma, dbeta), got {type(grads).__name__}")
+        for name, grad, arg in zip(("dx", "dgamma", "dbeta"), grads, args):
+            _array(what, name, grad, arg.shape, dtype)
+        for name, arg, original in zip(("x", "gamma", "beta"), args, originals):
+            _unchanged(what, name, arg, original)
+
+    # Test mode after training mode, with the same param dict (as a model does).
+    param = {"mode": "train"}
+    layer.forward(x, gamma, beta, param)
+    param["mode"] = "test"
+    out, _ = _pair(what, layer.forward(x, gamma, beta, param), "(out, cache)")
+    _array(what, "out (test mode)", out, x.shape, np.float64)
+    if not np.all(np.isfinite(out)):
+        _fail(what, "forward in test mode gave non-finite values")
+
+    inputs = {"x": x, "gamma": gamma, "beta": beta}
+    for name, grad in zip(("dx", "dgamma", "dbeta"), grads):
+        def f(value, name=name):
+            values = dict(inputs, **{name[1:]: value})
+            return layer.forward(values["x"], values["gamma"], values["beta"], {"mode": "train"})[0]
+
+        numerical = eval_numerical_gradient_array(f, inputs[name[1:]].copy(), dout, h=h)
+        _compare(what, name, grad, numerical, tol)
+
+
+def _loss(layer, what, rng, x, tol, h):
+    if x is None:
+        x = rng.standard_normal((6, 5))
+    scores = np.array(x, dtype=np.float64)
+    y = rng.integers(scores.shape[1], size=scores.shape[0])
+    for dtype in (np.float32, np.float64):
+        s = scores.astype(dtype)
+        s0 = s.copy()
+        loss, dscores = _pair(what, layer.forward(s, y), "(loss, dscores)")
+        if np.ndim(loss) != 0 or not np.isfinite(loss):
+            _fail(what, f"loss must be a finite scalar, got {loss!r:.80}")
+        _array(what, "dscores", dscores, s.shape, s.dtype)
+        _unchanged(what, "scores", s, s0)
+    numerical = eval_numerical_gradient(lambda v: layer.forward(v, y)[0], scores.copy(), verbose=False, h=h)
+    _compare(what, "dscores", dscores, numerical, tol)
+
+
+_CHECKS = {"activation": _activation, "normalization": _normalization, "loss": _loss}
+
+
+def check_layer(layer, *, x=None, seed=0, tol=1e-7, h=1e-5):
+    """Gradient-check a layer of any kind, in float64, and check its contract.
+
+    Inputs:
+    - layer: a ``dpnet.Layer`` (e.g. ``dpnet.registry.get_layer("activation", "swish")``)
+    - x: the input to check at (activation: any shape; normalization: (N, D); loss: scores (N, C)); by default a
+      random one (activations: uniform in [-3, 3], away from 0). Pass your own to stay away from other kinks.
+    - seed: of the random inputs and upstream gradients
+    - tol: largest relative error allowed, ||analytic - numerical|| / (||analytic|| + ||numerical||)
+    - h: step of the centred differences
+
+    Raises AssertionError naming the layer and what is wrong (e.g. "gradient dgamma is off: relative error 3.1e-02
+    > 1e-07 ..."). Returns None.
+    """
+    if not isinstance(layer, Layer):
+        raise TypeError(f"check_layer expects a dpnet.Layer, got {type(layer).__name__} (look one up with "
+                        f"dpnet.registry.get_layer(kind, name))")
+    what = f"{layer.kind} {layer.name!r}"
+    _CHECKS[layer.kind](layer, what, np.random.default_rng(seed), x, tol, h)
+
+
+def _call_rule(rule, what, w, dw, config, step=""):
+    w0, dw0 = w.copy(), dw.copy()
+    result = rule(w, dw) if config is None else rule(w, dw, config)
+    if not isinstance(result, tuple) or len(result) != 2:
+        _fail(what, f"must return a tuple (next_w, config){step}, got {type(result).__name__} {result!r:.80}")
+    next_w, config = result
+    _array(what, "next_w", next_w, w.shape, w.dtype)
+    if not isinstance(config, dict):
+        _fail(what, f"must return its config dict{step}, got {type(config).__name__}")
+    _unchanged(what, "w", w, w0)
+    _unchanged(what, "dw", dw, dw0)
+    if not np.all(np.isfinite(next_w)):
+        _fail(what, f"produced non-finite weights{step}")
+    for key, value in config.items():
+        if not isinstance(value, _CONFIG_TYPES):
+            _fail(what, f"keeps {key!r} of type {type(value).__name__} in its config: keep only NumPy arrays and "
+                        f"scalars there, so that checkpoints can save the rule's state")
+    return next_w, config
+
+
+def _snapshot(config):
+    """What a checkpoint round trip gives back: copied arrays, NumPy scalars as Python scalars."""
+    return {k: v.item() if isinstance(v, np.generic) else copy.deepcopy(v) for k, v in config.items()}
+
+
+def check_update_rule(rule, *, config=None, steps=200, seed=0):
+    """Check an update rule against dpnet's contract.
+
+    Inputs:
+    - rule: ``rule(w, dw, config=None) -> (next_w, config)`` (e.g. ``dpnet.registry.get_update_rule("lion")``)
+    - config: hyper-parameters to check with (default: the rule's own defaults)
+    - steps: steps taken on the convex quadratic
+    - seed: of the random problem
+
+    Checks, in order: the signature; a first call without config returns ``(next_w, config)`` with next_w of w's
+    shape and dtype (float32 stays float32) and a dict; w and dw are not modified; a ``learning_rate`` given in the
+    config is kept there (the Solver decays it); the config holds only arrays and scalars; all state lives in the
+    config (continuing from a copy of the config gives exactly what the uninterrupted run gives); the rule decreases
+    ``f(w) = 0.5 * sum(a * (w - c)**2)`` by at least 0.1% in ``steps`` steps; if the rule has an in-place variant
+    ``rule.in_place(w, dw, config=None) -> (w, config)`` (which the Solver uses for the parameters it
+    owns), that it updates w itself, leaves dw alone and agrees with the rule step by step to rounding (relative
+    1e-12), and, if it takes the keyword ``w_scale`` (the Solver's weight decay, applied within the rule's own pass),
+    that ``in_place(w, dw, config, w_scale=s)`` is bit for bit ``w *= s`` followed by ``in_place(w, dw, config)``;
+    if the rule declares ``rule.elementwise = True`` (which lets the Solver shard its state over processes),
+    that updating flat segments of w (each with its own config) gives bit for bit what updating the whole gives.
+    Raises AssertionError saying which failed. Returns None.
+    """
+    what = f"update rule {getattr(rule, '__name__', repr(rule))!r}"
+    problem = signature_problem(rule, ("w", "dw", "None"), "rule", keyword="config")
+    if problem is None:
+        problem = signature_problem(rule, ("w", "dw"), "rule")
+    if problem:
+        _fail(what, problem.replace("rule(w, dw)", "rule(w, dw, config=None)"))
+    rng = np.random.default_rng(seed)
+    user = dict(config or {})
+
+    for dtype in (np.float32, np.float64):
+        w, dw = rng.standard_normal((4, 5)).astype(dtype), rng.standard_normal((4, 5)).astype(dtype)
+        _call_rule(rule, what, w, dw, None if not user else copy.deepcopy(user), " when called without a config")
+    if "learning_rate" not in _call_rule(rule, what, w, dw, None)[1]:
+        _fail(what, "must keep its learning_rate in the config (set a default with config.setdefault): the "
+                    "Solver decays it there")
+    lr = 0.5 * _call_rule(rule, what, w, dw, None)[1]["learning_rate"]
+    _, cfg = _call_rule(rule, what, w, dw, {**copy.deepcopy(user), "learning_rate": lr})
+    if cfg.get("learning_rate") != lr:
+        _fail(what, f"was given learning_rate={lr!r} in its config but returned learning_rate="
+                    f"{cfg.get('learning_rate')!r}: hyper-parameters in the config must be honoured and kept")
+
+    # A convex quadratic f(w) = 0.5 * sum(a * (w - c)**2), gradient a * (w - c).
+    a, c = rng.uniform(0.5, 2.0, size=(4, 5)), rng.standard_normal((4, 5))
+    start = c + rng.standard_normal((4, 5))
+
+    def f(w):
+        return 0.5 * float(np.sum(a * (w - c) ** 2))
+
+    def run(w, cfg, first, last):
+        for t in range(first, last):
+            w, cfg = _call_rule(rule, what, w, a * (w - c), cfg, f" at step {t + 1}")
+        return w, cfg
+
+    half = steps // 2
+    w_half, cfg_half = run(start.copy(), copy.deepcopy(user), 0, half)
+    saved_w, saved_cfg = w_half.copy(), _snapshot(cfg_half)
+    w_end, _ = run(w_half, cfg_half, half, steps)
+    w_resumed, _ = run(saved_w, saved_cfg, half, steps)
+    if not np.allclose(w_resumed, w_end, rtol=1e-12, atol=0):
+        _fail(what, f"keeps state outside its config: continuing from a copy of the config after step {half} gave "
+                    f"weights differing by up to {np.max(np.abs(w_resumed - w_end)):.3g} from the uninterrupted "
+                    f"run (keep every piece of state in the config dict, so that checkpoints and per-parameter "
+                    f"configs work)")
+    f_start, f_end = f(start), f(w_end)
+    if not f_end <= (1 - 1e-3) * f_start:
+        _fail(what, f"does not decrease a convex quadratic: f went from {f_start:.6g} to {f_end:.6g} in {steps} "
+                    f"steps (config {user or 'defaults'}); check the sign of the step, or pass a config with a "
+                    f"larger learning_rate")
+    in_place = getattr(rule, "in_place", None)
+    if in_place is not None:
+        _check_in_place(rule, in_place, what, user, lambda w: a * (w - c), start)
+        if "w_scale" in _parameters(in_place):
+            _check_w_scale(in_place, what, user, lambda w: a * (w - c), start)
+    if getattr(rule, "elementwise", False):
+        if in_place is None:
+            _fail(what, "declares rule.elementwise = True without an in-place variant: sharding its state over "
+                        "processes (Solver(shard_optimizer=True)) applies rule.in_place to segments")
+        _check_elementwise(in_place, what, user, lambda w: a * (w - c), start)
+
+
+def _check_elementwise(in_place, what, user, grad, start, steps=20):
+    """A rule declaring `elementwise` computes the same, bit for bit, on a whole array and on flat segments of it
+    (each with its own config), as it does when its state is sharded over processes."""
+    whole_w, whole_config = start.copy(), copy.deepcopy(user)
+    flat = start.copy().reshape(-1)
+    cut = [0, 3, 3, 11, flat.size]  # uneven segments, and an empty one (a process with no part of the parameter)
+    configs = [copy.deepcopy(user) for _ in cut[1:]]
+    for t in range(steps):
+        dw = grad(whole_w)
+        whole_w, whole_config = in_place(whole_w, dw, whole_config)
+        dw_flat = grad(flat.reshape(start.shape)).reshape(-1)
+        for (lo, hi), config in zip(zip(cut[:-1], cut[1:]), configs):
+            in_place(flat[lo:hi], dw_flat[lo:hi], config)
+        if not np.array_equal(flat, whole_w.reshape(-1)):
+            _fail(what, f"declares rule.elementwise = True but its update of flat segments differs from its update "
+                        f"of the whole array by up to {np.max(np.abs(flat - whole_w.reshape(-1))):.3g} at step "
+                        f"{t + 1}: an element's update must depend on that element alone")
+
+
+def _parameters(function):
+    try:
+        return inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no inspectable signature
+        return {}
+
+
+def _check_w_scale(in_place, what, user, grad, start, steps=20):
+    """in_place(w, dw, config, w_scale=s) is `w *= s` then in_place(w, dw, config), bit for bit."""
+    scaled, scaled_config = start.copy(), copy.deepcopy(user)
+    folded, folded_config = start.copy(), copy.deepcopy(user)
+    for t in range(steps):
+        scale = 1 - 0.01 * (t + 1)
+        dw = grad(scaled)
+        scaled *= scale
+        scaled_config = in_place(scaled, dw, scaled_config)[1]
+        result = in_place(folded, dw, folded_config, w_scale=scale)
+        if not (isinstance(result, tuple) and len(result) == 2 and result[0] is folded):
+            _fail(what, f"its in-place variant must return (w, config) with w itself when given w_scale (step {t + 1})")
+        folded_config = result[1]
+        if not np.array_equal(folded, scaled):
+            _fail(what, f"its in-place variant takes w_scale but does not compute `w *= w_scale` and then the "
+                        f"update: they differ by up to {np.max(np.abs(folded - scaled)):.3g} at step {t + 1}")
+
+
+def _check_in_place(rule, in_place, what, user, grad, start, steps=20):
+    """rule.in_place(w, dw, config) -> (w, config) updates w itself and computes what rule computes."""
+    pure_w, pure_config = start.copy(), copy.deepcopy(user)
+    w, config = start.copy(), copy.deepcopy(user)
+    for t in range(steps):
+        pure_w, pure_config = rule(pure_w, grad(pure_w), pure_config)
+        dw = grad(w)
+        dw0 = dw.copy()
+        result = in_place(w, dw, config)
+        if not (isinstance(result, tuple) and len(result) == 2 and result[0] is w):
+            _fail(what, f"its in-place variant must return (w, config) with w itself, updated in place (step {t + 1})")
+        config = result[1]
+        _unchanged(what, "dw", dw, dw0)
+        if not np.allclose(w, pure_w, rtol=1e-12, atol=0):
+            _fail(what, f"its in-place variant differs from the rule by up to {np.max(np.abs(w - pure_w)):.3g} at "
+                        f"step {t + 1}: rule.in_place must compute what the rule computes")
+
+
+def check_plugin(name):
+    """Check that the plugin ``name`` (its entry-point name) is installed and loaded, and run ``check_layer`` and
+    ``check_update_rule`` over everything it provides. Returns its ``dpnet.registry.PluginInfo``."""
+    infos = {info.name: info for info in registry.list_plugins()}
+    info = infos.get(name)
+    if info is None:
+        raise AssertionError(f"plugin {name!r} is not installed: no entry point {name!r} in the group "
+                             f"{registry.ENTRY_POINT_GROUP!r} (installed plugins: {', '.join(sorted(infos))}); "
+                             f"install your distribution, e.g. `pip install -e .`")
+    if info.status != "loaded":
+        raise AssertionError(f"plugin {name!r} is {info.status}: {info.reason}")
+    if not any(info.layers.values()) and not info.update_rules:
+        raise AssertionError(f"plugin {name!r} ({info.describe()}) provides no layers and no update rules")
+    for kind, names in info.layers.items():
+        for layer_name in names:
+            check_layer(registry.get_layer(kind, layer_name))
+    for rule_name in info.update_rules:
+        check_update_rule(registry.get_update_rule(rule_name))
+    return info
