@@ -48,8 +48,8 @@ def solver_state(solver, config=None):
     for name, cfg in solver.optimizer_state().items():
         cfg_arrays, optim_scalars[name] = _split_config(cfg)
         arrays.update({f"optim/{name}/{key}": value for key, value in cfg_arrays.items()})
-    if solver._epoch_order is not None:
-        arrays["epoch_order"] = solver._epoch_order
+    if solver.epoch_order is not None:
+        arrays["epoch_order"] = solver.epoch_order
     meta = dict(
         format_version=FORMAT_VERSION,
         model=type(model).__name__,
@@ -162,7 +162,7 @@ def restore_checkpoint(solver, path):
         prefix = f"optim/{name}/"
         config.update({key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)})
         solver.optim_configs[name] = config
-    solver._epoch_order = arrays.get("epoch_order")
+    solver.epoch_order = arrays.get("epoch_order")
     solver.epoch, solver.iteration = meta["epoch"], meta["iteration"]
     solver.best_val_acc = meta["best_val_acc"]
     solver.loss_history = list(meta["loss_history"])

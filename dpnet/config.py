@@ -101,7 +101,7 @@ FLAGS = {
 RESUME_MAY_CHANGE = {"data_dir", "download", "epochs", "logdir", "checkpoint_dir", "checkpoint_every", "resume",
                      "quiet", "blas_threads", "shard_optimizer", "shared_memory"}
 # Where the run is, not what it is: left out of config.toml and of the hyper-parameters.
-_LOCATION_KEYS = ("data_dir", "download", "logdir", "checkpoint_dir", "resume", "quiet", "blas_threads",
+LOCATION_KEYS = ("data_dir", "download", "logdir", "checkpoint_dir", "resume", "quiet", "blas_threads",
                   "shard_optimizer", "shared_memory")
 DTYPES = ("float32", "float64")
 SCHEDULES = ("exponential", "step", "cosine")
@@ -128,7 +128,7 @@ class _Parser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
-def _shown(value):
+def shown(value):
     if value is None:
         return "none"
     if isinstance(value, list):
@@ -152,8 +152,8 @@ def build_parser(rank=0):
                                                          "[512, 512], ...); flags given here override it")
     for key, (kind, text) in FLAGS.items():
         default = DEFAULTS[key]
-        shown = "off" if default is False else _shown(default)
-        help_text = text if default is None else f"{text} (default: {shown})"  # None: the text says it
+        default_text = "off" if default is False else shown(default)
+        help_text = text if default is None else f"{text} (default: {default_text})"  # None: the text says it
         if kind == "bool":
             parser.add_argument(flag(key), action=argparse.BooleanOptionalAction, help=help_text)
         elif kind == "ints":
@@ -225,7 +225,7 @@ def resolve_config(given):
         except CheckpointError as exc:
             raise UsageError(str(exc)) from None
         saved = {k: v for k, v in meta.get("config", {}).items() if k in FLAGS}
-        differ = [f"{flag(k)} {_shown(v)} (the checkpoint has {_shown(saved[k])})"
+        differ = [f"{flag(k)} {shown(v)} (the checkpoint has {shown(saved[k])})"
                   for k, v in sorted(explicit.items())
                   if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]]
         if differ:
@@ -241,7 +241,7 @@ def check_config(config, num_processes):
 
     def need(condition, key, what):
         if not condition:
-            raise UsageError(f"{flag(key)} must be {what}, got {_shown(config[key])}")
+            raise UsageError(f"{flag(key)} must be {what}, got {shown(config[key])}")
 
     for key in (k for k, (kind, _) in FLAGS.items() if kind == "float"):
         need(np.isfinite(config[key]), key, "a finite number")
@@ -300,7 +300,7 @@ def _check_writable(path, what):
     return str(path)
 
 
-_WHAT = {"logdir": "log directory (--logdir)", "checkpoint_dir": "checkpoint directory (--checkpoint-dir)"}
+OUTPUT_DIRS = {"logdir": "log directory (--logdir)", "checkpoint_dir": "checkpoint directory (--checkpoint-dir)"}
 
 
 def resolve_dirs(config):
@@ -312,15 +312,15 @@ def resolve_dirs(config):
         while logdir.exists():
             n += 1
             logdir = base.with_name(f"{base.name}-{n}")
-    config["logdir"] = _check_writable(logdir, _WHAT["logdir"])
-    config["checkpoint_dir"] = _check_writable(config["checkpoint_dir"] or config["logdir"], _WHAT["checkpoint_dir"])
+    config["logdir"] = _check_writable(logdir, OUTPUT_DIRS["logdir"])
+    config["checkpoint_dir"] = _check_writable(config["checkpoint_dir"] or config["logdir"], OUTPUT_DIRS["checkpoint_dir"])
 
 
 def to_toml(config):
     """The configuration as a TOML document that --config reads back (locations left out)."""
     lines = []
     for key in FLAGS:
-        if key in _LOCATION_KEYS:
+        if key in LOCATION_KEYS:
             continue
         value = config[key]
         text = json.dumps(value) if not isinstance(value, bool) else str(value).lower()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import (_LOCATION_KEYS, _WHAT, NUM_VALIDATION, UsageError, _shown, build_parser, check_config,
+from .config import (LOCATION_KEYS, OUTPUT_DIRS, NUM_VALIDATION, UsageError, shown, build_parser, check_config,
                      resolve_config, resolve_dirs, to_toml)
 from .config import DEFAULTS, flag, load_toml  # noqa: F401 (re-exported: tests and dpnet.bench use them from here)
 
@@ -114,8 +114,8 @@ def make_lr_schedule(config):
 
 
 def hyperparameters(config, num_processes):
-    hp = {k: (_shown(v) if isinstance(v, list) or v is None else v)
-          for k, v in config.items() if k not in _LOCATION_KEYS}
+    hp = {k: (shown(v) if isinstance(v, list) or v is None else v)
+          for k, v in config.items() if k not in LOCATION_KEYS}
     hp["processes"] = num_processes
     return hp
 
@@ -189,7 +189,7 @@ def setup(comm, argv):
         return config, meta
 
     config, meta = agree(comm, configure)
-    from .distributed import set_blas_threads
+    from .parallel import set_blas_threads
 
     config["blas_threads"] = set_blas_threads(config["blas_threads"], comm=comm)
     folder = agree(comm, lambda: locate_data(config, comm.rank, config["quiet"]) if comm.rank == 0 else None)
@@ -197,7 +197,7 @@ def setup(comm, argv):
     data = agree(comm, lambda: load_data(folder, config))
     model = agree(comm, lambda: build_model(config))
     # The folders are created only now that the input is known to be good.
-    agree(comm, lambda: [make_dir(config[key], what) for key, what in _WHAT.items()] if comm.rank == 0 else None)
+    agree(comm, lambda: [make_dir(config[key], what) for key, what in OUTPUT_DIRS.items()] if comm.rank == 0 else None)
     return config, meta, data, model
 
 
@@ -208,7 +208,7 @@ def make_solver(comm, config, meta, data, model):
     from .augment import Augmentation
     from .monitor import CheckpointMonitor, ProgressMonitor, TensorBoardMonitor
     from .registry import get_update_rule
-    from .sharding import is_shardable
+    from .parallel import is_shardable
     from .solver import Solver
 
     monitors, tensorboard, checkpoints = [], None, None
@@ -264,7 +264,7 @@ def _describe(comm, config, meta, solver):
 
 def run(argv=None):
     """The whole command; returns the exit code (bad input raises SystemExit(2))."""
-    from .distributed import get_communicator
+    from .parallel import get_communicator
 
     comm = get_communicator()
     config, meta, data, model = setup(comm, argv)

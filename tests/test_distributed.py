@@ -1,4 +1,4 @@
-"""Tests of dpnet.distributed. MPI tests spawn `mpiexec -n N python tests/mpi_scripts/<script>.py` themselves.
+"""Tests of the communicators and processes (dpnet.parallel). MPI tests spawn `mpiexec -n N python tests/mpi_scripts/<script>.py` themselves.
 
 Without mpi4py or mpiexec the MPI tests are skipped locally and fail when $CI is set.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpnet import distributed
+from dpnet.parallel import environment
 from dpnet.distributed import (SerialCommunicator, check_in_sync, fault_injection_point, get_communicator,
                                make_reducer, set_blas_threads)
 
@@ -89,8 +89,8 @@ def test_fault_injection_parsing(monkeypatch):
 @pytest.fixture
 def restore_blas_threads():
     yield
-    if distributed._blas_limits is not None:
-        distributed._blas_limits.restore_original_limits()
+    if environment._blas_limits is not None:
+        environment._blas_limits.restore_original_limits()
 
 
 def test_blas_threads_precedence(monkeypatch, restore_blas_threads):
@@ -99,7 +99,7 @@ def test_blas_threads_precedence(monkeypatch, restore_blas_threads):
     def blas_threads():
         return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
 
-    for var in ("DPNET_BLAS_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", *distributed._LOCAL_SIZE_VARS):
+    for var in ("DPNET_BLAS_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", *environment.LOCAL_SIZE_VARS):
         monkeypatch.delenv(var, raising=False)
     cores = len(os.sched_getaffinity(0))
     assert set_blas_threads() == cores
@@ -270,8 +270,7 @@ def test_bcast_copy_on_write(n, run_mpi):
 
 
 def test_bcast_copy_on_write_in_one_process():
-    from dpnet.distributed import SerialCommunicator
-    from dpnet.shared_copy import bcast_copy_on_write
+    from dpnet.parallel import SerialCommunicator, bcast_copy_on_write
 
     parts = [np.arange(3, dtype=np.float32), np.ones((2, 2))]
     (only,) = bcast_copy_on_write(SerialCommunicator(), parts, 7, np.float64, copies=2)  # nobody to share it with
@@ -283,16 +282,16 @@ def test_bcast_copy_on_write_in_one_process():
 
 
 def test_an_abort_unlinks_the_job_files_this_process_maps():
-    """What comm.abort() removes from /dev/shm before MPI_Abort: the MPICH segments and dpnet.shared_copy files that
+    """What comm.abort() removes from /dev/shm before MPI_Abort: the MPICH segments and bcast_copy_on_write files that
     this process maps (here a stand-in of each), nothing it does not map."""
     import mmap
     import tempfile
 
-    if not os.path.isdir(distributed._SHM_DIR):
+    if not os.path.isdir(environment.SHM_DIR):
         pytest.skip("no /dev/shm on this system")
     paths = []
     for prefix in ("mpich_shm_dpnet-test-", "dpnet-copy-", "mpich_shm_dpnet-test-unmapped-"):
-        descriptor, path = tempfile.mkstemp(prefix=prefix, dir=distributed._SHM_DIR)
+        descriptor, path = tempfile.mkstemp(prefix=prefix, dir=environment.SHM_DIR)
         os.close(descriptor)
         paths.append(path)
     try:
@@ -302,8 +301,8 @@ def test_an_abort_unlinks_the_job_files_this_process_maps():
                 file.write(b"\0" * 4096)
             with open(path, "rb") as file:
                 mappings.append(mmap.mmap(file.fileno(), 4096, access=mmap.ACCESS_READ))
-        assert set(paths[:2]) <= distributed.job_shared_memory_files()
-        distributed._unlink_job_shared_memory_files()
+        assert set(paths[:2]) <= environment.job_shared_memory_files()
+        environment.unlink_job_shared_memory_files()
         assert [os.path.exists(path) for path in paths] == [False, False, True]
     finally:
         for path in paths:

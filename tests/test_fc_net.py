@@ -193,24 +193,3 @@ def test_bad_gradient_arrays_are_named(change):
         grads["b1"].flags.writeable = False
     with pytest.raises(ValueError, match=r"grads\['b1'\] must be a writable float64 array of shape \(4,\)"):
         model.loss(np.zeros((2, 6)), np.array([0, 1]), grads=grads)
-
-
-@pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
-def test_weight_gradients_delivered_as_factors_are_the_same(normalization):
-    model, X, y = _net_and_batch(normalization, np.float64)
-    loss, expected = model.loss(X, y)
-    assert model.factored_params == ("W1", "W2", "W3")
-    received = {}
-
-    def receive(name, x, dout, reg):  # the factors are valid during the call only: the product is taken now
-        received[name] = x.T @ dout + reg * model.params[name]
-
-    rest = {name: np.full_like(w, np.nan) for name, w in model.params.items() if name not in model.factored_params}
-    loss_again, grads = model.loss(X, y, grads=dict(rest), weight_factors=receive)
-    assert loss_again == loss and grads.keys() == rest.keys() and sorted(received) == ["W1", "W2", "W3"]
-    for name, value in expected.items():
-        got = received[name] if name in received else grads[name]
-        np.testing.assert_allclose(got, value, rtol=1e-12, atol=1e-15, err_msg=name)
-    received.clear()
-    _, alone = model.loss(X, y, weight_factors=receive)  # no arrays given: new ones, still without the weights
-    assert alone.keys() == rest.keys() and sorted(received) == ["W1", "W2", "W3"]

@@ -1,12 +1,11 @@
-"""The layout of dpnet.sharding (in one process: the collectives themselves run in tests/test_solver_mpi.py)."""
+"""The layout of the sharded exchange (in one process: the collectives themselves run in tests/test_solver_mpi.py)."""
 
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from dpnet.distributed import SerialCommunicator, block_counts
-from dpnet.sharding import ShardedState
+from dpnet.parallel import SerialCommunicator, ShardedExchange, ShardError, block_counts
 
 
 def _params():
@@ -24,7 +23,7 @@ def test_block_counts_cover_everything_evenly(n, size):
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 60])
 def test_the_processes_segments_partition_every_parameter(size):
     params = _params()
-    states = [ShardedState(SimpleNamespace(rank=r, size=size), params) for r in range(size)]
+    states = [ShardedExchange(SimpleNamespace(rank=r, size=size), params) for r in range(size)]
     for name, value in params.items():
         covered = np.zeros(value.size, dtype=int)
         for state in states:
@@ -39,7 +38,7 @@ def test_the_processes_segments_partition_every_parameter(size):
 
 def test_shard_config_keeps_the_segment_of_whole_state_arrays():
     params = _params()
-    state = ShardedState(SimpleNamespace(rank=1, size=3), params)
+    state = ShardedExchange(SimpleNamespace(rank=1, size=3), params)
     start, stop = state.segments["W1"]
     whole = np.arange(35.0).reshape(7, 5)
     config = state.shard_config("W1", {"learning_rate": 0.1, "m": whole, "t": 4})
@@ -54,26 +53,27 @@ def test_one_process_binds_the_model_to_one_flat_vector_and_updates_it():
     params = _params()
     original = {name: value.copy() for name, value in params.items()}
     held = params["W1"]
-    state = ShardedState(SerialCommunicator(), params)
+    state = ShardedExchange(SerialCommunicator(), params)
     state.bind(params)
     assert all(np.shares_memory(value, state.params) for value in params.values())
     assert held is not params["W1"] and np.array_equal(held, original["W1"])  # copied in, the old array untouched
-    for name, view in state.grads.items():
+    grads = state.gradient_views(params)
+    for name, view in grads.items():
         view[...] = 1.0
-    loss, norm = state.reduce(2.0, 0.5, state.grads)
-    assert loss == 1.0 and norm == pytest.approx(0.5 * np.sqrt(sum(v.size for v in params.values())))
+    loss = state.reduce(2.0, grads, 0.5)
+    assert loss == 1.0 and state.grad_norm == pytest.approx(0.5 * np.sqrt(sum(v.size for v in params.values())))
 
-    def sgd(name, w, dw):
+    def sgd(name, w, dw, config):
         w -= 0.1 * dw
+        return w, config
 
-    state.update(sgd)
+    configs = {name: {} for name in params}
+    state.update(params, configs, sgd)
     for name, value in params.items():
         np.testing.assert_allclose(value, original[name] - 0.05)
 
 
 def test_parameters_of_several_dtypes_are_refused():
-    from dpnet.sharding import ShardError
-
     params = {**_params(), "b2": np.zeros(3, dtype=np.float32)}
     with pytest.raises(ShardError, match=r"one dtype .* \['float32', 'float64'\]"):
-        ShardedState(SimpleNamespace(rank=0, size=2), params)
+        ShardedExchange(SimpleNamespace(rank=0, size=2), params)

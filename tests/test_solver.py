@@ -375,7 +375,7 @@ def test_in_place_updates_give_what_the_pure_rule_gives(data, rule):
         model = _model(normalization=normalization, dropout=0.9)
         solver = Solver(model, data, update_rule=update_rule, optim_config={"learning_rate": 1e-2}, batch_size=32,
                         num_epochs=2, seed=3, verbose=False, weight_decay=weight_decay)
-        assert (solver._in_place is not None) == (update_rule == rule)
+        assert (solver._update.in_place is not None) == (update_rule == rule)
         solver.train()
         solver.use_params("final")
         return model.params
@@ -414,7 +414,7 @@ def test_the_solver_keeps_no_parameter_array_the_model_dropped(data):
     model = _model()
     solver = Solver(model, data, update_rule="sgd_momentum", batch_size=30, num_epochs=1, verbose=False)
     solver._step()
-    trained = [weakref.ref(solver._owned[name]) for name in model.params]
+    trained = [weakref.ref(model.params[name]) for name in model.params]  # the solver's own arrays
     model.params = {name: value.copy() for name, value in model.params.items()}  # as use_params does
     gc.collect()
     assert all(ref() is None for ref in trained)
@@ -449,10 +449,11 @@ def test_gradients_go_straight_into_one_reused_buffer(data):
     options = dict(update_rule="sgd_momentum", batch_size=30, num_epochs=1, verbose=False)
     solver = Solver(model, wide, **options)
     grads, peak = traced_step(solver)
-    assert all(grads[name] is solver._fused.views[name] for name in model.params)
+    views = solver._exchange.gradient_views(model.params)
+    assert all(grads[name] is views[name] for name in model.params)
     plain = Solver(PlainModel(), wide, **options)
     _, plain_peak = traced_step(plain)
-    assert plain._fused is None
+    assert plain._exchange._fused is None  # no buffer laid out for a model that returns its own arrays
     assert plain_peak - peak >= sum(w.nbytes for w in model.params.values()), (plain_peak, peak)
 
 

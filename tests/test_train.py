@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpnet import distributed, train
+from dpnet import train
+from dpnet.parallel import environment
 from dpnet.checkpoint import load_checkpoint
 from dpnet.monitor import read_events, read_scalars
 
@@ -282,9 +283,9 @@ def test_without_matplotlib_the_run_says_how_to_get_plots(cifar10_dir, dpnet_cac
 @pytest.fixture(autouse=True)
 def _restore_blas_threads():
     yield
-    if distributed._blas_limits is not None:  # an in-process run limited this process's BLAS pool
-        distributed._blas_limits.restore_original_limits()
-        distributed._blas_limits = None
+    if environment._blas_limits is not None:  # an in-process run limited this process's BLAS pool
+        environment._blas_limits.restore_original_limits()
+        environment._blas_limits = None
 
 
 def _main(argv, capsys):
@@ -370,7 +371,7 @@ def test_help_explains_every_flag_with_its_default(capsys):
 def test_configs_default_toml_is_the_default_configuration():
     default = train.load_toml(REPO / "configs" / "default.toml")
     assert default == {k: v for k, v in train.DEFAULTS.items() if k in default}
-    assert set(train.DEFAULTS) - set(default) == set(train._LOCATION_KEYS)
+    assert set(train.DEFAULTS) - set(default) == set(train.LOCATION_KEYS)
     smoke = train.load_toml(REPO / "configs" / "smoke.toml")
     assert smoke["epochs"] < train.DEFAULTS["epochs"]
     assert sum(smoke["hidden_dims"]) < sum(train.DEFAULTS["hidden_dims"])

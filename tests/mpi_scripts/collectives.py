@@ -90,7 +90,7 @@ assert one.array is None
 one.free()  # a second free does nothing
 # Gradients summed where they lie: each process's block of the weighted sum over everyone's vectors, then (gather) the
 # whole sum everywhere; equal weights take the add-then-scale path, unequal ones the scaled adds.
-from dpnet.shared_sum import SharedSum  # noqa: E402
+from dpnet.parallel import SharedSum  # noqa: E402
 
 cases = [(dtype, weights) for dtype in (np.float64, np.float32)  # float32: weights like 1/3 are rounded in the slots
          for weights in ([1 / n] * n, [(q + 1) / (n * (n + 1) / 2) for q in range(n)])]
@@ -112,17 +112,17 @@ for dtype, weights in cases:
     total.free()
 assert SharedSum.create(SerialCommunicator(), {"W": np.zeros(3)}) is None
 
-import dpnet.distributed  # noqa: E402
+import dpnet.parallel.communicators  # noqa: E402
 
-room = dpnet.distributed._shared_memory_room
-dpnet.distributed._shared_memory_room = lambda: 4096 if r == 0 else 2**40  # rank 0 decides for all
+room = dpnet.parallel.communicators.shared_memory_room
+dpnet.parallel.communicators.shared_memory_room = lambda: 4096 if r == 0 else 2**40  # rank 0 decides for all
 assert comm.shared_array(1024, np.float64) is None  # 8 KB do not fit in 4 KB: no shared memory, a note instead
 held = comm.shared_array(300, np.float64)  # 2400 bytes fit, and then count against the room:
 assert held is not None and comm.shared_array(300, np.float64) is None  # a second 2400 does not (a second note)
 held.free()
 assert comm.shared_array(300, np.float64) is not None  # freed, it fits again
-assert dpnet.distributed.NodeSharedArray.live_bytes == 2400
-dpnet.distributed._shared_memory_room = room
+assert dpnet.parallel.NodeSharedArray.live_bytes == 2400
+dpnet.parallel.communicators.shared_memory_room = room
 
 local = np.array([r + 1.0, 1.0], dtype=np.float32)
 total = make_reducer(comm)(local)

@@ -1,26 +1,25 @@
-"""Run under mpiexec -n N (one machine): dpnet.shared_copy.bcast_copy_on_write, through /dev/shm and without it;
+"""Run under mpiexec -n N (one machine): dpnet.parallel.bcast_copy_on_write, through /dev/shm and without it;
 rank 0 prints "ok <N> ranks" at the end."""
 
 import os
 
 import numpy as np
 
-from dpnet import shared_copy
-from dpnet.distributed import get_communicator
+from dpnet.parallel import get_communicator, shared_copy
 
 comm = get_communicator()
 r, n = comm.rank, comm.size
 
 
 def ours():
-    return sorted(name for name in os.listdir(shared_copy._SHM_DIR) if name.startswith("dpnet-copy-"))
+    return sorted(name for name in os.listdir(shared_copy.SHM_DIR) if name.startswith("dpnet-copy-"))
 
 
 expected = np.concatenate([np.arange(10, dtype=np.float32), np.linspace(-1, 1, 5)])  # float32 and float64 parts
 before = ours()
 for through_file in (True, False):
     if not through_file:  # no room in /dev/shm: a plain broadcast, with the same results
-        shared_copy._shared_memory_room = lambda: 0
+        shared_copy.shared_memory_room = lambda: 0
     root = n - 1
     parts = [np.arange(10, dtype=np.float32), np.linspace(-1, 1, 5).reshape(5, 1)] if r == root else None
     copies = 2 if r == root else 1

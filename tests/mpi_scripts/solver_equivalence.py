@@ -12,8 +12,7 @@ import numpy as np
 
 from dpnet.classifiers.fc_net import FullyConnectedNet
 from dpnet.data_utils import ImageArray
-from dpnet.distributed import check_in_sync
-from dpnet.shared_copy import is_mapped
+from dpnet.parallel import check_in_sync, is_mapped
 from dpnet.solver import Solver
 
 SHAPE, CLASSES, NUM_TRAIN, NUM_VAL, BATCH, EPOCHS = (3, 4, 4), 5, 500, 70, 50, 2
@@ -30,9 +29,8 @@ CASES["lazy-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd
 CASES["sharded-plain-sgd_momentum"] = dict(normalization=None, rule="sgd_momentum", shard=True)
 CASES["sharded-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", shard=True)
 CASES["sharded-layernorm-adam-decay"] = dict(normalization="layernorm", rule="adam", shard=True, weight_decay=0.5)
-# Sharded on one machine, the weights' gradient blocks come from everyone's activations (dpnet.factored_grads), unless
-# the model cannot deliver them as factors: then each process computes whole gradients, summed in shared memory.
-CASES["sharded-summed-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", shard=True, factors=False)
+# A model whose loss returns its own gradient arrays (no `grads` keyword): they are copied into the exchange's buffer.
+CASES["sharded-own-arrays-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", shard=True, own_arrays=True)
 # The processes run on one machine: the gradients are summed in shared memory (and the sharded cases share one
 # parameter vector), but for these two, which take MPI's collectives (Allreduce; reduce-scatter and allgather).
 CASES["unshared-layernorm-adam"] = dict(normalization="layernorm", rule="adam", shared_memory=False)
@@ -69,25 +67,24 @@ class _LastParams:
         self.grad_norm = info["grad_norm"]
 
     def on_epoch_end(self, solver, info):
-        self.shared = (solver._shards.shared if solver._shards is not None else solver._shared_sum is not None)
-        self.factored = solver._shards is not None and solver._shards.factored
+        self.shared = solver.exchange.shared_memory
         self.params = {name: value.copy() for name, value in solver.model.params.items()}
         self.state = {f"{name}/{key}": value.copy() for name, config in solver.optimizer_state().items()
                       for key, value in config.items() if isinstance(value, np.ndarray)}
 
 
-class _WholeGradientsNet(FullyConnectedNet):
-    """A model whose loss takes `grads` but not `weight_factors`."""
+class _OwnArraysNet(FullyConnectedNet):
+    """A model whose loss does not take `grads`: it returns gradient arrays of its own."""
 
-    def loss(self, X, y=None, grads=None):
-        return super().loss(X, y, grads=grads)
+    def loss(self, X, y=None):
+        return super().loss(X, y)
 
 
 def run(case, comm):
     """Train one case on `comm`; returns a dict of arrays (meaningful on every rank; written by rank 0)."""
     options = CASES[case]
     data = make_data(options.get("lazy", False))
-    model_class = FullyConnectedNet if options.get("factors", True) else _WholeGradientsNet
+    model_class = _OwnArraysNet if options.get("own_arrays") else FullyConnectedNet
     model = model_class([20, 15], input_dim=int(np.prod(SHAPE)), num_classes=CLASSES,
                               normalization=options["normalization"], reg=1e-3, weight_scale=0.05,
                               dtype=np.float64, seed=0)
@@ -106,7 +103,7 @@ def run(case, comm):
     out.update({f"best/{name}": value for name, value in model.params.items()})
     for i, param in enumerate(model.bn_params):
         out.update({f"norm{i}/{key}": param[key] for key in ("running_mean", "running_var") if key in param})
-    out["sharded"] = np.array(solver._shards is not None)
+    out["sharded"] = np.array(solver.exchange.sharded)
     # train() hands back arrays of the process's own (the shared memory is freed). Rank 0 keeps the last ones as
     # final_params; use_params("final") broadcasts them (checked identical everywhere), then "best" comes back.
     kept = all(np.array_equal(solver.final_params[name], value) for name, value in getattr(last, "params", {}).items())
@@ -117,9 +114,8 @@ def run(case, comm):
     out["final_is_last"] = np.array(kept and loaded and alone)
     solver.use_params("best")
     out["shared_memory"] = np.array(getattr(last, "shared", False))
-    out["factored"] = np.array(getattr(last, "factored", False))
     # On one machine the model that train() hands back is one copy in memory, mapped copy-on-write by every process,
-    # and so are rank 0's kept best parameters (dpnet.shared_copy).
+    # and so are rank 0's kept best parameters (dpnet.parallel.bcast_copy_on_write).
     mapped = all(is_mapped(value) for value in model.params.values())
     out["ranks_mapping_the_model"] = comm.allreduce(np.array([mapped], dtype=np.int64))
     mapped = len(solver.best_params) > 0 and all(is_mapped(value) for value in solver.best_params.values())

@@ -53,7 +53,7 @@ except FloatingPointError as exc:
     if mode != "nan":
         raise
     folder = Path(sys.argv[2])
-    assert solver._shards is None or solver._shards.shared == sharded
+    assert not solver.exchange.sharded or solver.exchange.shared_memory == sharded
     (folder / f"rank{comm.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
     deadline = time.monotonic() + 5
     while len(list(folder.glob("rank*.txt"))) < comm.size and time.monotonic() < deadline:

@@ -9,17 +9,24 @@ import tempfile
 
 from toy import toy_data, toy_model
 
-from dpnet.distributed import get_communicator
-from dpnet.sharding import ShardedState
+from dpnet.parallel import SharedShardedExchange, ShardedExchange, get_communicator
 from dpnet.solver import Solver
 
 counts = {"grads": 0, "configs": 0}
-for kind, method in (("grads", "gather_grads"), ("configs", "gather_configs")):
-    def counted(self, *args, _method=getattr(ShardedState, method), _kind=kind):
-        counts[_kind] += 1
-        return _method(self, *args)
+for cls in (ShardedExchange, SharedShardedExchange):
+    def counted_grads(self, whole=False, _method=cls.summed_grads):
+        counts["grads"] += bool(whole)
+        return _method(self, whole)
 
-    setattr(ShardedState, method, counted)
+    cls.summed_grads = counted_grads
+
+
+def counted_configs(self, configs, _method=ShardedExchange.whole_configs):
+    counts["configs"] += 1
+    return _method(self, configs)
+
+
+ShardedExchange.whole_configs = counted_configs
 
 
 class Watch:

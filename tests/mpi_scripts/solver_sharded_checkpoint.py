@@ -25,7 +25,7 @@ def resume_only(out):
     restore_checkpoint(resumed, out / "run_epoch_2.npz")
     resumed.train()
     resumed.use_params("final")
-    assert resumed._shards is not None
+    assert resumed.exchange.sharded
     if comm.rank == 0:
         np.savez(out / f"resumed_{comm.size}.npz", **resumed.model.params)
 
@@ -39,7 +39,7 @@ def main(out):
     restore_checkpoint(resumed, out / "run_epoch_2.npz")
     resumed.train()
     resumed.use_params("final")
-    assert full._shards is not None and resumed._shards is not None
+    assert full.exchange.sharded and resumed.exchange.sharded
     if comm.rank == 0:
         np.savez(out / "final.npz", **{f"full/{k}": v for k, v in full.model.params.items()},
                  **{f"resumed/{k}": v for k, v in resumed.model.params.items()})

@@ -56,7 +56,7 @@ def test_update_rule_contract(name):
 
 @pytest.mark.parametrize("name", RULES)
 def test_in_place_variants_compute_the_pure_rules_values_and_can_be_sharded(name):
-    from dpnet.sharding import is_shardable
+    from dpnet.parallel import is_shardable
 
     rule = getattr(optim, name)
     assert is_shardable(rule) and is_shardable(registry.get_update_rule(name))

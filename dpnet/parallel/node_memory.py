@@ -1,35 +1,64 @@
-"""Gradients summed through memory the processes share, when every process of a job runs on one machine.
+"""Memory that the processes of one machine share: MPI-3 shared windows, and gradients summed where they lie.
 
-MPI's reductions copy the data through the library's own buffers, and a data-parallel step first scales each
-process's gradient by its weight n_r / N, a pass of its own. Here each process's gradient vector lies in shared memory
-(dpnet.distributed.NodeSharedArray, made with `each`) and ends with a slot holding the process's weight. The vectors
-are cut into P equal blocks (padded); after a barrier, each process sums its block from every process's vector,
-weights applied, over its own block (which no other process reads). For 7.4 MB of float32 over 2 processes this takes
-0.19-0.23 ms, against 0.67-0.87 ms for MPICH's Reduce_scatter_block, with or without the scaling pass in front of it
-(`mpiexec -n 2 python benchmarks/bench_shared_sum.py`, four runs here); for 14.7 MB of float64, 0.70 against
-1.87-2.14 ms. What comes next depends on the caller:
-
-- sharded optimizer state (dpnet.sharding): the process updates its block of the parameters from its summed block;
-- replicated state (the Solver's default): `gather()` copies the blocks the others summed into the process's own
-  vector, so every process holds the whole sum, as after an allreduce.
-
-Ordering: a process writes its vector (the backward pass) only after every process has finished reading it, which the
-caller guarantees by a barrier at the end of each step (`gather()` ends with one; the sharded update with the
-parameters' one).
+MPI's reductions copy the data through the library's own buffers. On one machine each process's gradient vector can
+lie in shared memory instead (`SharedSum`), and each process sums its block straight from every process's vector.
 """
 
 import numpy as np
 
-from .distributed import FusedBuffer
+from .buffers import FusedBuffer
+
+
+class NodeSharedArray:
+    """A 1-D array in one piece of memory mapped by every process of a communicator on one machine (an MPI-3
+    shared-memory window, MPI_Win_allocate_shared; made by `comm.shared_array`).
+
+    `array` is the NumPy view of it in this process. Made with `each`, every process has an array of its own, which the
+    others read as `of(rank)`. Writes by one process reach the others at the next `sync()`, which every process must
+    call (it is a barrier): write, sync, then read. `free()` (collective) releases the memory; views of the arrays
+    must not be used after it. Until then the memory lives as long as the job, whoever holds views.
+    """
+
+    live_bytes = 0  # the size of the arrays of this process's job that are not freed yet
+
+    def __init__(self, arrays, index, window, node, nbytes):
+        self._arrays, self.array, self._window, self._node = arrays, arrays[index], window, node
+        self._nbytes = nbytes
+        NodeSharedArray.live_bytes += nbytes
+
+    def of(self, rank):
+        """Process `rank`'s array (made with `each`; else the one array)."""
+        return self._arrays[rank if len(self._arrays) > 1 else 0]
+
+    def sync(self):
+        """Collective: every process's writes so far become visible to every process."""
+        self._window.Sync()
+        self._node.Barrier()
+        self._window.Sync()
+
+    def free(self):
+        """Collective: release the shared memory (views of `array` become invalid)."""
+        if self._window is None:
+            return
+        self.sync()
+        self.array = self._arrays = None
+        self._window.Unlock_all()
+        self._window.Free()
+        self._node.Free()
+        self._window = self._node = None
+        NodeSharedArray.live_bytes -= self._nbytes
 
 
 class SharedSum:
-    """The processes' gradient vectors in shared memory, laid out from `arrays` (a FusedBuffer with `extra` trailing
-    slots of the caller's, such as the loss, then the padding and the weight slot), and their weighted sum.
+    """The processes' gradient vectors in shared memory, and their weighted sum, block by block.
 
-    `vector` is this process's FusedBuffer (write the gradients into its views; `vector.extra[:extra]` are the
-    caller's slots, summed like the rest). `counts` are the P equal blocks of the summed part, `lo:hi` this process's.
-    Make one with `create()` (collective), which gives None when the processes cannot share memory.
+    `vector` is this process's FusedBuffer laid out from `arrays` (write the gradients into its views;
+    `vector.extra[:extra]` are the caller's slots, such as the loss, summed like the rest), followed by padding and a
+    slot for the process's weight. The summed part is cut into P equal blocks, `lo:hi` this process's. Make one with
+    `create()` (collective), which gives None when the processes cannot share memory.
+
+    Ordering: a process writes its vector (the backward pass) only after every process has finished reading it, which
+    the caller guarantees by a barrier at the end of each step (`gather()` ends with one).
     """
 
     @classmethod

@@ -17,7 +17,8 @@ import tempfile
 
 import numpy as np
 
-from .distributed import _SHM_DIR, NodeSharedArray, _shared_memory_room
+from .environment import SHM_DIR, shared_memory_room
+from .node_memory import NodeSharedArray
 
 _NAME_BYTES = 4096  # the broadcast file name, NUL-padded (PATH_MAX)
 
@@ -90,12 +91,12 @@ def _share_through_file(comm, parts, size, dtype, copies, root):
 def _write_file(parts, nbytes, dtype):
     """The path of a new file in /dev/shm holding `parts` back to back as `dtype`; None when there is no room (this
     job's shared arrays may still fill their untouched pages) or writing fails."""
-    room = _shared_memory_room()
+    room = shared_memory_room()
     if room is None or room - NodeSharedArray.live_bytes < nbytes:
         return None
     path = None
     try:
-        descriptor, path = tempfile.mkstemp(prefix="dpnet-copy-", dir=_SHM_DIR)
+        descriptor, path = tempfile.mkstemp(prefix="dpnet-copy-", dir=SHM_DIR)
         with os.fdopen(descriptor, "wb") as file:
             for part in parts:  # one part at a time: no packed copy of the whole
                 np.ascontiguousarray(part, dtype=dtype).tofile(file)
@@ -104,3 +105,26 @@ def _write_file(parts, nbytes, dtype):
         if path is not None:
             os.unlink(path)
         return None
+
+
+def bcast_arrays(comm, template, arrays, copies=1, root=0, shared=True):
+    """Collective: root's `arrays` (name -> ndarray; ignored elsewhere) on every process, as a list of dicts of new
+    arrays shaped and typed like `template` (name -> ndarray, the same names, shapes and dtypes on every process).
+
+    One broadcast through bcast_copy_on_write moves them all, laid out by sorted name in their common dtype: on one
+    machine the list holds `copies` dicts whose arrays are copy-on-write mappings of one copy in memory; else one."""
+    names = sorted(template)
+    size = sum(template[name].size for name in names)
+    dtype = np.result_type(*(template[name].dtype for name in names))
+    parts = [arrays[name] for name in names] if comm.rank == root else None
+    buffers = bcast_copy_on_write(comm, parts, size, dtype, copies=copies, root=root, shared=shared)
+    copied = []
+    for buffer in buffers:
+        views, offset = {}, 0
+        for name in names:
+            n = template[name].size
+            views[name] = buffer[offset:offset + n].reshape(template[name].shape).astype(template[name].dtype,
+                                                                                          copy=False)
+            offset += n
+        copied.append(views)
+    return copied
