@@ -47,12 +47,11 @@ def affine_norm_act_forward(x, w, b, activation, norm=None, gamma=None, beta=Non
     return out, (fc_cache, norm, norm_cache, activation, act_cache, dropout_cache)
 
 
-def affine_norm_act_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, weight_factors=None):
+def affine_norm_act_backward(dout, cache, need_dx=True, dw_out=None, db_out=None):
     """Backward pass of affine_norm_act. Returns (dx, dw, db, dgamma, dbeta).
 
     dgamma and dbeta are None without a normalization; dx is None when need_dx is False; dw and db are written into
-    dw_out and db_out when given; with weight_factors, dw is None and its factors go to weight_factors (see
-    affine_backward).
+    dw_out and db_out when given (see affine_backward).
     """
     fc_cache, norm, norm_cache, activation, act_cache, dropout_cache = cache
     if dropout_cache is not None:
@@ -61,5 +60,5 @@ def affine_norm_act_backward(dout, cache, need_dx=True, dw_out=None, db_out=None
     dgamma = dbeta = None
     if norm is not None:
         dout, dgamma, dbeta = norm.backward(dout, norm_cache)
-    dx, dw, db = affine_backward(dout, fc_cache, need_dx, dw_out, db_out, weight_factors)
+    dx, dw, db = affine_backward(dout, fc_cache, need_dx, dw_out, db_out)
     return dx, dw, db, dgamma, dbeta

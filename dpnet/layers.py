@@ -35,7 +35,7 @@ def affine_forward(x, w, b):
     return out, (x, w)
 
 
-def affine_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, weight_factors=None):
+def affine_backward(dout, cache, need_dx=True, dw_out=None, db_out=None):
     """Backward pass of the affine layer.
 
     Inputs:
@@ -43,18 +43,11 @@ def affine_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, weight_
     - cache: (x, w) from affine_forward
     - need_dx: False skips the input gradient (a network's first layer has no use for it), returning None for dx
     - dw_out, db_out: None, or arrays of shapes (D, M), (M,) that receive dw and db (no allocation)
-    - weight_factors: None, or a callable: weight_factors(x2d, dout) receives the factors of dw = x2d.T @ dout
-      (x2d (N, D) is x flattened; both are valid during the call only) and dw is not computed (returned as None)
 
     Returns (dx, dw, db) of shapes x.shape, (D, M), (M,); dw is dw_out and db is db_out when given.
     """
     x, w = cache
-    x2d = x.reshape(x.shape[0], -1)
-    if weight_factors is not None:
-        weight_factors(x2d, dout)
-        dw = None
-    else:
-        dw = np.matmul(x2d.T, dout, out=dw_out)
+    dw = np.matmul(x.reshape(x.shape[0], -1).T, dout, out=dw_out)
     dx = (dout @ w.T).reshape(x.shape) if need_dx else None
     db = np.sum(dout, axis=0, out=db_out)
     return dx, dw, db

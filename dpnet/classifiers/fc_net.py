@@ -87,12 +87,7 @@ class FullyConnectedNet:
                     param["running_mean"] = np.zeros(dim, dtype=self.dtype)
                     param["running_var"] = np.ones(dim, dtype=self.dtype)
 
-    @property
-    def factored_params(self):
-        """The names of the weights whose gradients loss(..., weight_factors=) delivers as factors: W1..WL."""
-        return tuple(f"W{i}" for i in range(1, self.num_layers + 1))
-
-    def loss(self, X, y=None, grads=None, weight_factors=None):
+    def loss(self, X, y=None, grads=None):
         """Scores, or loss and gradients.
 
         Inputs:
@@ -101,18 +96,12 @@ class FullyConnectedNet:
         - grads: None, or a dict holding, for every parameter name, a writable array shaped like params[name]: the
           gradients are written into these arrays instead of new ones (the Solver passes views of its gradient
           buffer, so a step allocates no parameter-sized array)
-        - weight_factors: None, or a callable that receives each weight's gradient as its factors instead of the
-          gradient: weight_factors(name, x, dout, reg) for every name of factored_params, as the backward pass reaches
-          that layer, with x (N, D) the layer's input, dout (N, M) the gradient of its output and reg the L2 strength:
-          the gradient is x.T @ dout + reg * params[name]. x and dout are valid during the call only. Those gradients
-          are then not computed, not returned, and not needed in `grads` (dpnet.factored_grads uses this).
 
         Returns scores (N, C) when y is None, else (loss, grads) with grads[name] shaped like params[name] (the given
         dict, filled in, when grads is given).
         """
-        factored = self.factored_params if weight_factors is not None else ()
         if grads is not None:
-            self._check_grads_out(grads, skip=factored)
+            self._check_grads_out(grads)
         X = self._check_input(X)
         mode = "test" if y is None else "train"
         for param in self.bn_params:
@@ -149,40 +138,25 @@ class FullyConnectedNet:
         # Given arrays (all of them, checked above) receive the gradients; otherwise grads fills up with new ones, and
         # grads.get(name) is None for every name not computed yet.
         grads = {} if grads is None else grads
-
-        def factors(i):  # the callback of layer i, or None
-            if weight_factors is None:
-                return None
-            return lambda x, d: weight_factors(f"W{i}", x, d, self.reg)
-
-        def store(i, dw):
-            if dw is not None:
-                grads[f"W{i}"] = dw
-
-        dout, dw, grads[f"b{L}"] = affine_backward(dscores, last_cache, need_dx=L > 1, dw_out=grads.get(f"W{L}"),
-                                                   db_out=grads.get(f"b{L}"), weight_factors=factors(L))
-        store(L, dw)
+        dout, grads[f"W{L}"], grads[f"b{L}"] = affine_backward(dscores, last_cache, need_dx=L > 1,
+                                                               dw_out=grads.get(f"W{L}"), db_out=grads.get(f"b{L}"))
         for i in range(L - 1, 0, -1):
-            # The gradient of the input X is never used: the first layer skips it (a third of its backward pass).
-            dout, dw, grads[f"b{i}"], dgamma, dbeta = affine_norm_act_backward(
-                dout, caches[i - 1], need_dx=i > 1, dw_out=grads.get(f"W{i}"), db_out=grads.get(f"b{i}"),
-                weight_factors=factors(i))
-            store(i, dw)
+            # The gradient of the input X is never used: the first layer skips it.
+            dout, grads[f"W{i}"], grads[f"b{i}"], dgamma, dbeta = affine_norm_act_backward(
+                dout, caches[i - 1], need_dx=i > 1, dw_out=grads.get(f"W{i}"), db_out=grads.get(f"b{i}"))
             if dgamma is not None:
                 for name, value in ((f"gamma{i}", dgamma), (f"beta{i}", dbeta)):
                     if name in grads:
                         grads[name][...] = value
                     else:
                         grads[name] = value
-        if self.reg and weight_factors is None:
+        if self.reg:
             for i, w in enumerate(weights, start=1):
                 grads[f"W{i}"] += self.reg * w
         return loss, grads
 
-    def _check_grads_out(self, grads, skip=()):
+    def _check_grads_out(self, grads):
         for name, param in self.params.items():
-            if name in skip:
-                continue
             out = grads.get(name)
             if not (isinstance(out, np.ndarray) and out.shape == param.shape and out.flags.writeable
                     and out.dtype == param.dtype):
