@@ -313,7 +313,8 @@ def resolve_dirs(config):
             n += 1
             logdir = base.with_name(f"{base.name}-{n}")
     config["logdir"] = _check_writable(logdir, OUTPUT_DIRS["logdir"])
-    config["checkpoint_dir"] = _check_writable(config["checkpoint_dir"] or config["logdir"], OUTPUT_DIRS["checkpoint_dir"])
+    config["checkpoint_dir"] = _check_writable(config["checkpoint_dir"] or config["logdir"],
+                                               OUTPUT_DIRS["checkpoint_dir"])
 
 
 def to_toml(config):

@@ -13,7 +13,7 @@ block (the Solver's decoupled weight decay, ``1 - learning_rate * weight_decay``
 by the update, without a pass of its own over ``w``.
 
 The built-in rules are elementwise (``rule.elementwise = True``): an element's update depends on that element's
-values alone, so the Solver can shard their state over processes (``shard_optimizer``, see dpnet.sharding).
+values alone, so the Solver can shard their state over processes (``shard_optimizer``, see dpnet.parallel.sharded).
 """
 
 import math
@@ -169,7 +169,7 @@ sgd_momentum.in_place = _sgd_momentum_in_place
 rmsprop.in_place = _rmsprop_in_place
 adam.in_place = _adam_in_place
 # Each element's update depends on that element alone: the rules may be applied to any slices of w and dw (with the
-# same slices of their state), which is what sharding the optimizer state over processes does (dpnet.sharding).
+# same slices of their state), which is what sharding the optimizer state over processes does (dpnet.parallel.sharded).
 for _rule in (sgd, sgd_momentum, rmsprop, adam):
     _rule.elementwise = True
 del _rule

@@ -167,7 +167,8 @@ class Solver:
         """model.loss(X, y), writing into the exchange's buffer when the model's loss takes `grads` (and its
         parameters share one dtype): a step then allocates no parameter-sized array and packs nothing."""
         params, loss = self.model.params, self.model.loss
-        if not accepts_keyword(getattr(loss, "__func__", loss), "grads") or len({w.dtype for w in params.values()}) != 1:
+        one_dtype = len({w.dtype for w in params.values()}) == 1
+        if not (one_dtype and accepts_keyword(getattr(loss, "__func__", loss), "grads")):
             return loss(X, y)
         return loss(X, y, grads=self._exchange.gradient_views(params))
 
@@ -240,7 +241,8 @@ class Solver:
             if grads is None and epoch_end and self._watched:  # sharded: the epoch's last gradient, for monitors
                 grads = self._exchange.summed_grads(whole=True)
             if self.monitors:
-                norm = self._exchange.grad_norm if grads is None else np.sqrt(sum(np.vdot(g, g) for g in grads.values()))
+                norm = (self._exchange.grad_norm if grads is None
+                        else np.sqrt(sum(np.vdot(g, g) for g in grads.values())))
                 self._notify("on_iteration_end", self, dict(
                     iteration=t, epoch=self.epoch, loss=loss, learning_rate=self.learning_rate, grads=grads,
                     grad_norm=float(norm), batch_size=batch, step_seconds=seconds,

@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import (LOCATION_KEYS, OUTPUT_DIRS, NUM_VALIDATION, UsageError, shown, build_parser, check_config,
                      resolve_config, resolve_dirs, to_toml)
-from .config import DEFAULTS, flag, load_toml  # noqa: F401 (re-exported: tests and dpnet.bench use them from here)
+from .config import DEFAULTS, flag, load_toml  # noqa: F401 (re-exported: tests and benchmarks use them from here)
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 

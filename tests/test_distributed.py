@@ -308,3 +308,52 @@ def test_an_abort_unlinks_the_job_files_this_process_maps():
         for path in paths:
             if os.path.exists(path):
                 os.unlink(path)
+
+
+# ----------------------------------------------------------------------------------------------- as_communicator
+def test_anything_but_a_communicator_is_refused_before_any_collective():
+    from dpnet.parallel import as_communicator
+    from dpnet.solver import Solver
+
+    for wrong in (object(), "mpi", 2):
+        with pytest.raises(TypeError, match=r"comm must be a dpnet communicator .* or an mpi4py communicator"):
+            as_communicator(wrong)
+    data = {"X_train": np.zeros((4, 3)), "y_train": np.zeros(4, dtype=int), "X_val": np.zeros((2, 3)),
+            "y_val": np.zeros(2, dtype=int)}
+
+    class Model:
+        params = {"w": np.zeros(3)}
+
+        def loss(self, X, y=None):
+            raise AssertionError("never reached")
+
+    with pytest.raises(TypeError, match="got str"):
+        Solver(Model(), data, comm="world", verbose=False)
+    assert type(as_communicator(None)) is SerialCommunicator
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_raw_mpi4py_communicator_is_wrapped(n, mpiexec, clean_env):
+    """Solver(comm=MPI.COMM_WORLD) trains as with dpnet's own communicator: the processes agree on the result."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from mpi4py import MPI
+        from dpnet.classifiers.fc_net import FullyConnectedNet
+        from dpnet.parallel import MPICommunicator, as_communicator, check_in_sync
+        from dpnet.solver import Solver
+        assert type(as_communicator(MPI.COMM_WORLD)) is MPICommunicator
+        rng = np.random.default_rng(0)
+        data = {"X_train": rng.standard_normal((40, 6)), "y_train": rng.integers(3, size=40),
+                "X_val": rng.standard_normal((10, 6)), "y_val": rng.integers(3, size=10)}
+        model = FullyConnectedNet([5], input_dim=6, num_classes=3, dtype=np.float64, seed=0)
+        solver = Solver(model, data, comm=MPI.COMM_WORLD, batch_size=10, num_epochs=1, verbose=False, seed=0)
+        solver.train()
+        check_in_sync(solver.comm, [model.params[k] for k in sorted(model.params)])
+        if solver.comm.rank == 0:
+            print("ok", solver.comm.size, flush=True)
+    """)
+    result = subprocess.run([mpiexec, "-n", str(n), sys.executable, "-c", code], env=clean_env(),
+                            capture_output=True, text=True, timeout=45, start_new_session=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == f"ok {n}\n", result.stdout
