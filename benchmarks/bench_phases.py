@@ -4,27 +4,28 @@
 
 Each framework trains the same MLP (FullyConnectedNet([512, 512]) shapes, batch 256, synthetic batch) in its own
 process (their thread pools must not share one), alternating dpnet and PyTorch round by round. Inside a process every
-step is timed in two phases: dpnet's `Solver._gradients` (forward and backward, gradients into the Solver's buffer)
-and `Solver._update`; PyTorch's zero_grad + forward + loss + backward, and `optimizer.step()`. Medians after 20
-warm-up steps. PyTorch is optional (`pip install torch==2.13.0`).
+step is timed in two phases: dpnet's step as the Solver takes it through the public gradient-exchange protocol
+(bench_sections.exchange_step): bind and the model's loss into the exchange's gradient views (forward and backward),
+then the exchange's reduce and update (the rule's in-place variant); PyTorch's zero_grad + forward + loss + backward,
+and `optimizer.step()`. Medians after 20 warm-up steps. PyTorch is optional (`pip install torch==2.13.0`).
 """
 
 import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 
 import numpy as np
+
+from bench_sections.common import LEARNING_RATES, synthetic_batch
+from bench_sections.workers import run
 
 HIDDEN, BATCH = [512, 512], 256
 
 
 def measure(framework, dtype, rule, threads, steps):
     """{"forward_backward_ms": ..., "update_ms": ...}: medians of the two phases over `steps` steps."""
-    from dpnet.bench import LEARNING_RATES, synthetic_batch
-
     X, y = synthetic_batch(BATCH, dtype)
     lr = LEARNING_RATES[rule]
     phases = ([], [])
@@ -50,22 +51,18 @@ def measure(framework, dtype, rule, threads, steps):
     else:
         from threadpoolctl import threadpool_limits
 
+        from bench_sections.exchange_step import ExchangeStep
         from dpnet.classifiers.fc_net import FullyConnectedNet
-        from dpnet.distributed import SerialCommunicator
-        from dpnet.solver import Solver
 
         threadpool_limits(threads, user_api="blas")
-        model = FullyConnectedNet(HIDDEN, dtype=dtype, seed=0)
-        solver = Solver(model, {"X_train": X, "y_train": y, "X_val": X[:1], "y_val": y[:1]}, update_rule=rule,
-                        optim_config={"learning_rate": lr}, batch_size=BATCH, verbose=False, seed=0,
-                        comm=SerialCommunicator())
-        grads = {}
+        step = ExchangeStep(FullyConnectedNet(HIDDEN, dtype=dtype, seed=0), rule, {"learning_rate": lr})
+        last = {}
 
         def gradients():
-            grads["last"] = solver._gradients(X, y)[1]
+            last["loss"], last["grads"] = step.gradients(X, y)
 
         def update():
-            solver._update(grads["last"])
+            step.update(last["loss"], last["grads"])
 
     for _ in range(steps + 20):
         start = time.perf_counter()
@@ -98,10 +95,9 @@ def main(argv=None):
     results = {f: [] for f in frameworks}
     for r in range(args.rounds):
         for framework in frameworks if r % 2 == 0 else frameworks[::-1]:
-            out = subprocess.run([sys.executable, __file__, "--worker", framework, "--dtype", args.dtype, "--rule",
-                                  args.rule, "--threads", str(args.threads), "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True, timeout=600)
-            results[framework].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            out = run([sys.executable, __file__, "--worker", framework, "--dtype", args.dtype, "--rule", args.rule,
+                       "--threads", str(args.threads), "--steps", str(args.steps)], threads=args.threads, timeout=600)
+            results[framework].append(json.loads(out.strip().splitlines()[-1]))
     print(f"{args.dtype} {args.rule}, {args.threads} threads, batch {BATCH}, MLP 3072-{'-'.join(map(str, HIDDEN))}-10; "
           f"medians of {args.steps} steps, {args.rounds} rounds")
     for framework, runs in results.items():

@@ -1,4 +1,4 @@
-"""The gradient sum alone: dpnet.shared_sum against MPI's reduce-scatter, on one machine.
+"""The gradient sum alone: dpnet.parallel.SharedSum against MPI's reduce-scatter, on one machine.
 
     mpiexec -n 2 python benchmarks/bench_shared_sum.py [--megabytes 7.4] [--dtype float32] [--repeats 60]
 
@@ -7,7 +7,8 @@ default) and its block of the weighted sum is computed three ways, interleaved, 
 
 - shared: SharedSum.sum_block (the vectors are shared memory; the weight is applied in the sum);
 - reduce-scatter: MPICommunicator.reduce_scatter (MPI's Reduce_scatter_block), the vectors already scaled;
-- scale + reduce-scatter: the vector scaled by the weight in place first, as the Solver's MPI path does.
+- scale + reduce-scatter: the vector scaled by the weight in place first, as the MPI exchanges do (they
+  pack the gradients scaled by the weight).
 
 Rank 0 prints the medians (slowest rank) after --warmup repetitions. Run it with 1 BLAS thread per process
 (OPENBLAS_NUM_THREADS=1) on an otherwise idle machine.
@@ -18,8 +19,7 @@ import time
 
 import numpy as np
 
-from dpnet.distributed import get_communicator
-from dpnet.shared_sum import SharedSum
+from dpnet.parallel import SharedSum, get_communicator
 
 
 def main(argv=None):
@@ -47,7 +47,7 @@ def main(argv=None):
         comm.barrier()
         start = time.perf_counter()
         total.sum_block(weight)
-        total.sync()  # the barrier that ends the Solver's step, which the sum relies on
+        total.sync()  # the barrier that ends a step, which the sum relies on
         return time.perf_counter() - start
 
     def reduce_scatter():

@@ -7,8 +7,6 @@ Solver's step times: drawing and converting the minibatch, forward, backward and
     python benchmarks/bench_time_to_target.py --data-dir DIR [--repeats 5] [--target 0.5]
 
 The data time is that of a warm cache; point DPNET_CACHE_DIR at an empty folder to measure a first (cold) load.
-The defaults (sgd_momentum, lr 1e-4, batch 100) were the fastest of lr 7e-5, 1e-4, 1.5e-4, 2e-4 (batch 100) and
-lr 1e-4 at batch 50; lr >= 1e-3 diverges (pixel-scale inputs).
 """
 
 import argparse

@@ -1,11 +1,12 @@
-"""Would a fused update kernel beat dpnet's NumPy update inside the training step? The record behind #6's decision.
+"""Would a fused update kernel beat dpnet's NumPy update inside the training step?
 
     python benchmarks/bench_update_kernels.py [--dtypes float32 float64] [--rules sgd sgd_momentum adam]
                                               [--kernels numpy numexpr numexpr-x2 numba numba-x2] [--rounds 2]
 
 dpnet's update rules (dpnet.optim) are NumPy: a few ufunc passes per cache-sized block, on one core. This measures,
 inside the training step of FullyConnectedNet([512, 512]) at batch 256 with 2 BLAS threads (the step section of
-dpnet.bench), what the update takes with other kernels:
+benchmarks/bench.py: the Solver's step through the public gradient-exchange protocol, on the same batch each step),
+what the update takes with other kernels:
 - numpy: dpnet's built-in in-place rule, as the Solver runs it;
 - numexpr, numexpr-x2: the rule as numexpr expressions (one per array it writes), on 1 and on 2 threads;
 - numba, numba-x2: the rule as one fused loop compiled by numba, on 1 thread, and in parallel (prange) on 2.
@@ -28,6 +29,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_sections.common import median_ms, synthetic_batch
+from bench_sections.memory import memory_now
+from bench_sections.workers import clean_environment, run
 
 KERNELS = ("numpy", "numexpr", "numexpr-x2", "numba", "numba-x2")
 PACKAGE = {"numexpr": "numexpr", "numexpr-x2": "numexpr", "numba": "numba", "numba-x2": "numba"}
@@ -165,43 +170,24 @@ def worker(spec):
     """In a process of its own: time every (dtype, rule) of one kernel. Returns {case: {...}}."""
     from threadpoolctl import threadpool_limits
 
-    from dpnet.bench.common import synthetic_batch
-    from dpnet.bench.memory import memory_now
+    from bench_sections.exchange_step import ExchangeStep
     from dpnet.classifiers.fc_net import FullyConnectedNet
-    from dpnet.distributed import SerialCommunicator
-    from dpnet.solver import Solver
 
     results = {}
     with threadpool_limits(limits=2, user_api="blas"):
         for dtype in spec["dtypes"]:
             for rule in spec["rules"]:
-                update = make_update(spec["kernel"], rule)
-                spent = []  # seconds in the rule's calls, this step
-
-                def timed_rule(w, dw, config=None, w_scale=1.0, _update=update):
-                    start = time.perf_counter()
-                    result = _update(w, dw, config, w_scale)
-                    spent.append(time.perf_counter() - start)
-                    return result
-
-                def pure(w, dw, config=None):
-                    return timed_rule(np.array(w), dw, config)
-
-                pure.in_place, pure.elementwise = timed_rule, True
-                model = FullyConnectedNet([512, 512], dtype=dtype, seed=0)
+                update = make_update(spec["kernel"], rule)  # in place: what the step applies, its calls timed
                 X, y = synthetic_batch(256, dtype)
-                solver = Solver(model, dict(X_train=X, y_train=y, X_val=X[:1], y_val=y[:1]), update_rule=pure,
-                                optim_config=dict(HYPER[rule]), batch_size=256, verbose=False, seed=0,
-                                comm=SerialCommunicator())
+                step = ExchangeStep(FullyConnectedNet([512, 512], dtype=dtype, seed=0), update, dict(HYPER[rule]))
                 steps, updates = [], []
                 for i in range(spec["warmup"] + spec["steps"]):
-                    spent.clear()
+                    step.apply_seconds = 0.0
                     start = time.perf_counter()
-                    _, grads = solver._gradients(X, y)  # as dpnet.bench's step section: the same batch each step
-                    solver._update(grads)
+                    step(X, y)  # as bench.py's step section: the same batch each step
                     if i >= spec["warmup"]:
                         steps.append(time.perf_counter() - start)
-                        updates.append(sum(spent))
+                        updates.append(step.apply_seconds)
                 results[f"{dtype} {rule}"] = dict(steps=steps, updates=updates,
                                                   difference=largest_difference(update, rule, dtype))
     return dict(cases=results, pss_mb=memory_now()[1])
@@ -220,15 +206,13 @@ def hold(kernel):
 
 def import_memory(kernels, counts=(1, 4)):
     """{kernel: {n: summed PSS in MB of n processes holding the kernel's packages}} (see hold)."""
-    from dpnet.bench.memory import memory_now
-
     results = {}
     for kernel in kernels:
         results[kernel] = {}
         for n in counts:
             command = [sys.executable, str(Path(__file__).resolve()), "--hold", kernel]
-            processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                         for _ in range(n)]
+            processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                          env=clean_environment()) for _ in range(n)]
             try:
                 for process in processes:
                     if process.stdout.readline().strip() != "ready":
@@ -243,10 +227,7 @@ def import_memory(kernels, counts=(1, 4)):
 
 def run_worker(spec):
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        raise RuntimeError(f"the {spec['kernel']} worker failed:\n{result.stdout}{result.stderr}")
-    return json.loads(result.stdout.splitlines()[-1])
+    return json.loads(run(command, timeout=900).splitlines()[-1])
 
 
 def main(argv=None):
@@ -268,8 +249,6 @@ def main(argv=None):
         return
 
     import importlib.util
-
-    from dpnet.bench.common import median_ms
 
     kernels = [k for k in args.kernels if k not in PACKAGE or importlib.util.find_spec(PACKAGE[k])]
     missing = [k for k in args.kernels if k not in kernels]

@@ -1,13 +1,14 @@
-"""Section 2 of dpnet.bench: dpnet against PyTorch on the same MLP, each in its own process."""
+"""Section `torch`: dpnet against PyTorch on the same MLP, each in its own process, alternating in ABBA rounds."""
 
 import importlib.util
 import tempfile
 
 import numpy as np
 
-from .common import (INPUT_SHAPE, LEARNING_RATES, NUM_CLASSES, TORCH_HINT, _progress, median_ms, run_worker,
-                     synthetic_batch, timed)
+from .common import (INPUT_SHAPE, LEARNING_RATES, NUM_CLASSES, TORCH_HINT, median_ms, progress, synthetic_batch,
+                     timed)
 from .step import dpnet_step
+from .workers import run_worker
 
 
 def torch_step(hidden_dims, batch_size, dtype, rule):
@@ -42,7 +43,7 @@ def torch_step(hidden_dims, batch_size, dtype, rule):
 
 def worker_framework(spec):
     """Inside a worker process: time every (dtype, rule) of one framework ("dpnet" or "torch")."""
-    from ..distributed import set_blas_threads
+    from dpnet.parallel import set_blas_threads
 
     set_blas_threads(spec["threads"])
     if spec["framework"] == "torch":
@@ -75,7 +76,7 @@ def section_torch(args):
     with tempfile.TemporaryDirectory() as folder:
         for r in range(args.rounds):
             for framework in ("dpnet", "torch") if r % 2 == 0 else ("torch", "dpnet"):  # ABBA
-                _progress(f"torch section, round {r + 1}/{args.rounds}: {framework}")
+                progress(f"torch section, round {r + 1}/{args.rounds}: {framework}")
                 runs[framework].append(run_worker("framework", dict(spec, framework=framework), folder,
                                                   threads=args.threads))
     rows = []
@@ -90,5 +91,3 @@ def section_torch(args):
                          dpnet_ms_per_round=[median_ms(run["times"][key]) for run in runs["dpnet"]],
                          torch_ms_per_round=[median_ms(run["times"][key]) for run in runs["torch"]]))
     return dict(available=True, torch=runs["torch"][0]["info"], rows=rows)
-
-

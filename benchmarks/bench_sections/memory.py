@@ -1,10 +1,11 @@
-"""Section 4 of dpnet.bench: peak memory (RSS, PSS) of 1 and of 4 processes training on CIFAR-10."""
+"""Section `memory`: peak memory (RSS, PSS) of 1 and of 4 processes training on CIFAR-10."""
 
 import importlib.util
 import resource
 import tempfile
 
-from .common import MPI_HINT, _progress, mpiexec, run_worker
+from .common import MPI_HINT, progress
+from .workers import mpiexec, run_worker
 
 
 def memory_now(pid="self"):
@@ -21,37 +22,41 @@ def memory_now(pid="self"):
 
 
 def worker_memory(spec):
-    """Inside each process of a job: train the command line's default model on CIFAR-10 for a few steps, sampling
-    PSS after every step and at the epoch's end (the peak while training); then, with every process still alive and
-    holding the trained model, the final PSS and the peak RSS."""
-    from ..config import DEFAULTS
-    from ..data_utils import locate_CIFAR10
-    from ..distributed import get_communicator, set_blas_threads
-    from ..solver import Solver
-    from ..train import build_model, load_data
+    """Inside each process of a job: train the command line's default model on CIFAR-10 for one short epoch of
+    spec["steps"] steps, sampling PSS after every call of the model's loss (each step's forward and backward, each
+    batch of the epoch end's evaluation: the peak while training); then, with every process still alive and holding
+    the trained model, the final PSS and the peak RSS. No monitor: as in a script, nothing is gathered for one."""
+    from dpnet.config import DEFAULTS
+    from dpnet.data_utils import locate_CIFAR10
+    from dpnet.parallel import get_communicator, set_blas_threads
+    from dpnet.solver import Solver
+    from dpnet.train import build_model, load_data
 
     comm = get_communicator()
     set_blas_threads(comm=comm)
     config = dict(DEFAULTS, hidden_dims=spec["hidden_dims"])
     data = load_data(locate_CIFAR10(spec["data_dir"], download=False), config)
+    model = build_model(config)
     peak_pss = [0.0]
+    loss = model.loss
 
-    class SampledSolver(Solver):
-        iterations_per_epoch = spec["steps"]  # one short epoch: its end (evaluation, checks, gathers) is measured too
+    def sampled_loss(X, y=None, grads=None):  # the model's own loss, PSS sampled when it returns
+        result = loss(X, y, grads=grads)
+        peak_pss[0] = max(peak_pss[0], memory_now()[1] or 0.0)
+        return result
 
-        def _step(self):
-            result = super()._step()
-            peak_pss[0] = max(peak_pss[0], memory_now()[1] or 0.0)
-            return result
+    model.loss = sampled_loss
 
-        def _end_epoch(self):
-            super()._end_epoch()
-            peak_pss[0] = max(peak_pss[0], memory_now()[1] or 0.0)
+    class OneShortEpoch(Solver):
+        """The Solver with an epoch of spec["steps"] steps drawn from the whole training set, so that the epoch's
+        end (evaluation, replica check) and the end of training are measured too."""
 
-    solver = SampledSolver(build_model(config), data, update_rule=config["update_rule"],
-                           optim_config={"learning_rate": config["lr"]}, batch_size=config["batch_size"],
-                           num_epochs=1, num_train_samples=1000, num_val_samples=None, verbose=False, seed=0,
-                           comm=comm, weight_decay=config["weight_decay"], shard_optimizer=spec["shard_optimizer"],
+        iterations_per_epoch = spec["steps"]
+
+    solver = OneShortEpoch(model, data, update_rule=config["update_rule"], optim_config={"learning_rate": config["lr"]},
+                           batch_size=config["batch_size"], num_epochs=1, num_train_samples=1000,
+                           num_val_samples=None, verbose=False, seed=0, comm=comm,
+                           weight_decay=config["weight_decay"], shard_optimizer=spec["shard_optimizer"],
                            shared_memory=spec.get("shared_memory", True))
     solver.train()
     comm.barrier()
@@ -63,8 +68,16 @@ def worker_memory(spec):
     return comm.comm.gather(result, root=0) if comm.size > 1 else [result]
 
 
+def _summary(p, shard, share, ranks):
+    return dict(processes=p, shard_optimizer=shard and p > 1, shared_memory=share and shard and p > 1, ranks=ranks,
+                total_peak_rss_mb=sum(r["peak_rss_mb"] for r in ranks),
+                total_peak_pss_mb=sum(r["peak_pss_mb"] for r in ranks),
+                total_training_peak_pss_mb=sum(r["training_peak_pss_mb"] for r in ranks),
+                total_pss_mb=sum(r["pss_mb"] or 0.0 for r in ranks))
+
+
 def section_memory(args):
-    from ..data_utils import CIFAR10NotFoundError, load_CIFAR10_raw, locate_CIFAR10
+    from dpnet.data_utils import CIFAR10NotFoundError, load_CIFAR10_raw, locate_CIFAR10
 
     try:
         images = load_CIFAR10_raw(locate_CIFAR10(args.data_dir, download=False))  # builds the shared cache if missing
@@ -73,7 +86,7 @@ def section_memory(args):
         return dict(available=False, note=f"needs CIFAR-10: give --data-dir ({first_line})")
     if mpiexec() is None or importlib.util.find_spec("mpi4py") is None:
         return dict(available=False, note=MPI_HINT)
-    from ..config import DEFAULTS
+    from dpnet.config import DEFAULTS
 
     hidden = args.memory_hidden_dims if args.memory_hidden_dims is not None else DEFAULTS["hidden_dims"]
     spec = dict(data_dir=args.data_dir and str(args.data_dir), hidden_dims=hidden, steps=args.memory_steps)
@@ -84,17 +97,12 @@ def section_memory(args):
     jobs = {}
     with tempfile.TemporaryDirectory() as folder:
         for key, p, shard, share in runs:
-            _progress(f"memory section: {p} process{'es' if p > 1 else ''}"
-                      f"{', optimizer state replicated' if p > 1 and not shard else ''}"
-                      f"{', MPI only' if p > 1 and shard and not share else ''}")
+            progress(f"memory section: {p} process{'es' if p > 1 else ''}"
+                     f"{', optimizer state replicated' if p > 1 and not shard else ''}"
+                     f"{', MPI only' if p > 1 and shard and not share else ''}")
             ranks = run_worker("memory", dict(spec, shard_optimizer=shard, shared_memory=share), folder, processes=p,
                                mpi=True)
-            jobs[key] = dict(processes=p, shard_optimizer=shard and p > 1, shared_memory=share and shard and p > 1,
-                             ranks=ranks,
-                             total_peak_rss_mb=sum(r["peak_rss_mb"] for r in ranks),
-                             total_peak_pss_mb=sum(r["peak_pss_mb"] for r in ranks),
-                             total_training_peak_pss_mb=sum(r["training_peak_pss_mb"] for r in ranks),
-                             total_pss_mb=sum(r["pss_mb"] or 0.0 for r in ranks))
+            jobs[key] = _summary(p, shard, share, ranks)
     one = jobs.get("1")
     for job in jobs.values():
         if one is not None:
@@ -109,5 +117,3 @@ def section_memory(args):
     dataset_mb = (images[0].nbytes + images[2].nbytes) / 2**20
     return dict(available=True, hidden_dims=hidden, steps=args.memory_steps, model=model, jobs=jobs,
                 dataset_mb=dataset_mb)
-
-

@@ -1,30 +1,32 @@
-"""Side-by-side measurements of dpnet's training step: ``python -m dpnet.bench``.
+"""Side-by-side measurements of dpnet's training step: `python benchmarks/bench.py` (from a checkout).
 
-    python -m dpnet.bench [--sections step torch distributed memory] [--hidden-dims 512 512] [--batch-size 256]
-                          [--threads 2] [--repeats 50] [--rounds 2] [--data-dir DIR] [--json PATH]
+    python benchmarks/bench.py [--sections step torch distributed memory] [--hidden-dims 512 512] [--batch-size 256]
+                               [--threads 2] [--repeats 50] [--rounds 2] [--data-dir DIR] [--json PATH]
 
 Prints one table of four sections, each measured side by side in one run (medians over repeated steps after warm-up;
-what is compared is interleaved, so that whatever else the machine does slows both alike):
+what is compared is interleaved, so that whatever else the machine does slows both alike). Every section uses dpnet's
+public API only; the sections are the modules of benchmarks/bench_sections/.
 
 - step: dpnet's training step on FullyConnectedNet(hidden dims), synthetic CIFAR-shaped batch: forward, backward and
-  the update (the Solver's own update path: in place for the built-in rules), against its BLAS floor, the time of
-  exactly the matrix products the step performs (same shapes and dtype), the two alternating in this process.
-  Target: step <= 1.10 x floor with sgd. With sgd a third contender runs in the same rotation: the step written out
-  in plain NumPy without dpnet (bench.handwritten_step), the reference for what a separate update pass allows.
+  the update as the Solver takes them (the model's loss into the gradient exchange's buffer, then the exchange's
+  update with the rule's in-place variant), against its BLAS floor, the time of exactly the matrix products the step
+  performs (same shapes and dtype), the two alternating in this process. Target: step <= 1.10 x floor with sgd. With
+  sgd a third contender runs in the same rotation: the step written out in plain NumPy without dpnet
+  (bench_sections.step.handwritten_step), the reference for what a separate update pass allows.
 - torch: dpnet against PyTorch on CPU for the same MLP, dtype, batch, threads and update rule (sgd_momentum with
   momentum 0.9, adam; PyTorch's default optimizer implementations), each in its own process (two thread pools in one
   process would spin against each other), alternating in ABBA rounds. PyTorch is optional: without it the rows say
   how to get it. Target: dpnet ahead (aim for 1.3x).
-- distributed: the Solver (float32, --distributed-rule, default sgd) as 1 process x T BLAS threads against P MPI
-  processes x T/P threads, with the optimizer state replicated and sharded, each through shared memory (the default
-  on one machine: dpnet.shared_sum, dpnet.sharding; sharded, the weight gradients' blocks from everyone's
-  activations, dpnet.factored_grads, and once more with whole gradients summed) and through MPI's collectives alone,
-  alternating in forward and reversed order round by round; inside each process the communication (MPI's
-  parameter-sized collectives: the fused gradient's Allreduce, sharded the reduce-scatter and the allgather; in
-  shared memory the sums, copies and barriers) is timed where it happens (a rank waiting for a slower one counts as
-  communication), its share of the step is that of the worst rank. Also the fused in-place Allreduce (packing
-  included) against one pickled allreduce per gradient array, interleaved. Target: communication <= 10% of the step
-  at 2 processes.
+- distributed: the training step (float32, --distributed-rule, default sgd; the Solver's step driven through the
+  public exchange protocol) as 1 process x T BLAS threads against P MPI processes x T/P threads, with the optimizer
+  state replicated and sharded, each through shared memory (the default on one machine) and through MPI's
+  collectives alone, alternating in forward and reversed order round by round. Inside each process the
+  communication is timed where it happens: MPI's parameter-sized collectives (the fused gradient's Allreduce;
+  sharded, the reduce-scatter and the allgather) through a communicator wrapper; in shared memory the exchange's
+  sums, copies and barriers (its bind and reduce, and its update less the update rule's own time). A rank waiting for
+  a slower one counts as communication; the share of the step is that of the worst rank. Also the fused in-place
+  Allreduce (packing included) against one pickled allreduce per gradient array, interleaved. Target: communication
+  <= 10% of the step at 2 processes.
 - memory: peak RSS and peak PSS (proportional set size, /proc/<pid>/smaps_rollup: shared pages, such as the
   memory-mapped CIFAR-10 cache in the page cache, divided among the processes mapping them; RSS counts them in every
   process) of 1 and of 4 processes (mpiexec) training the command line's default model and recipe
@@ -35,36 +37,40 @@ what is compared is interleaved, so that whatever else the machine does slows bo
   beyond the first adds. The peak is also given for the training alone, before train() hands every process the
   trained model. Target: 4 processes <= 1.5 x one process.
 
-With --json PATH everything (per-step times included, and the environment: versions, BLAS, git commit, load
-average) is written there, to compare runs across commits. Run on an otherwise idle machine; the load average is
-printed before and after.
+This checkout's dpnet is measured, whatever else is installed: it comes first on sys.path here, and on PYTHONPATH in
+the worker processes (`benchmarks/bench.py --worker`, started with a clean environment). With --json PATH everything
+(per-step times included, and the environment: versions, BLAS, CPU, git commit, load average) is written there, to
+compare runs across commits. Run on an otherwise idle machine; the load average is printed before and after.
 """
 
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
-from .common import LEARNING_RATES, SECTIONS, _progress, median_ms, run_worker, synthetic_batch, timed  # noqa: F401
-from .data_parallel import section_distributed, worker_distributed
-from .memory import section_memory, worker_memory
-from .report import environment, print_table, table_rows
-from .step import (blas_floor, blas_products, dpnet_step, handwritten_gradients, handwritten_step,  # noqa: F401
-                   measure_step, section_step)
-from .versus_torch import section_torch, worker_framework
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's dpnet, which the workers import too
 
-_WORKERS = {"framework": worker_framework, "distributed": worker_distributed, "memory": worker_memory}
+from bench_sections.common import SECTIONS, progress
+from bench_sections.distributed import section_distributed
+from bench_sections.distributed_worker import worker_distributed
+from bench_sections.memory import section_memory, worker_memory
+from bench_sections.report import environment, print_table, table_rows
+from bench_sections.step import section_step
+from bench_sections.versus_torch import section_torch, worker_framework
+
+WORKERS = {"framework": worker_framework, "distributed": worker_distributed, "memory": worker_memory}
+RUN = {"step": section_step, "torch": section_torch, "distributed": section_distributed, "memory": section_memory}
 
 
 def worker_main(kind, spec, out):
-    result = _WORKERS[kind](json.loads(spec))
+    result = WORKERS[kind](json.loads(spec))
     if result is not None:  # None on the ranks other than 0
         Path(out).write_text(json.dumps(result))
 
 
-
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m dpnet.bench", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     parser.add_argument("--hidden-dims", type=int, nargs="+", default=[512, 512],
@@ -88,7 +94,7 @@ def build_parser():
     parser.add_argument("--memory-hidden-dims", type=int, nargs="+", default=None,
                         help="model of the memory section (default: the command line's, dpnet.config.DEFAULTS)")
     parser.add_argument("--json", type=Path, help="write the results (and per-step times) to this JSON file")
-    parser.add_argument("--worker", choices=sorted(_WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     return parser
@@ -101,18 +107,18 @@ def main(argv=None):
     load_before = os.getloadavg()[0]
     results = dict(environment=environment(), config={k: (str(v) if isinstance(v, Path) else v)
                                                       for k, v in vars(args).items() if v is not None})
-    sections = dict(step=section_step, torch=section_torch, distributed=section_distributed, memory=section_memory)
     for name in SECTIONS:
         if name in args.sections:
-            _progress(f"measuring: {name}")
-            results[name] = sections[name](args)
+            progress(f"measuring: {name}")
+            results[name] = RUN[name](args)
     results["environment"]["load_average"] = [load_before, os.getloadavg()[0]]
-    print(f"dpnet.bench {' '.join(args.sections)}: FullyConnectedNet({args.hidden_dims}), batch {args.batch_size}, "
+    env = results["environment"]
+    print(f"bench.py {' '.join(args.sections)}: FullyConnectedNet({args.hidden_dims}), batch {args.batch_size}, "
           f"{args.threads} threads; medians of {args.repeats} steps after {args.warmup} warm-up (x {args.rounds} "
           f"ABBA rounds for torch and distributed)")
-    print(f"load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on "
-          f"{results['environment']['cpus']} CPUs (anything else running makes these figures noisy)")
-    print_table(table_rows(results, args))
+    print(f"load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on {env['cpus']} CPUs "
+          f"({env.get('cpu') or 'unknown CPU'}; anything else running makes these figures noisy)")
+    print_table(table_rows(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
@@ -120,3 +126,5 @@ def main(argv=None):
     return results
 
 
+if __name__ == "__main__":
+    main()

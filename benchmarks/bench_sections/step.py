@@ -1,28 +1,20 @@
-"""Section 1 of dpnet.bench: dpnet's training step against its BLAS floor and against a hand-written NumPy step."""
+"""Section `step`: dpnet's training step against its BLAS floor and against a hand-written NumPy step."""
 
 import numpy as np
 
 from .common import LEARNING_RATES, median_ms, synthetic_batch, timed
+from .exchange_step import ExchangeStep
 
 
 def dpnet_step(hidden_dims, batch_size, dtype, rule):
-    """(model, step): step() is one training step of dpnet on a fixed batch, as the Solver takes it: the model's loss
-    with the gradients written into the Solver's buffer, then the Solver's update."""
-    from ..classifiers.fc_net import FullyConnectedNet
-    from ..distributed import SerialCommunicator
-    from ..solver import Solver
+    """(model, step): step() is one training step of dpnet on a fixed batch, as the Solver takes it with one process
+    (ExchangeStep: the loss into the exchange's gradient views, then the update, in place for the built-in rules)."""
+    from dpnet.classifiers.fc_net import FullyConnectedNet
 
     model = FullyConnectedNet(hidden_dims, dtype=dtype, seed=0)
     X, y = synthetic_batch(batch_size, dtype)
-    solver = Solver(model, dict(X_train=X, y_train=y, X_val=X[:1], y_val=y[:1]), update_rule=rule,
-                    optim_config={"learning_rate": LEARNING_RATES.get(rule, 1e-4)}, batch_size=batch_size,
-                    verbose=False, seed=0, comm=SerialCommunicator())
-
-    def step():
-        _, grads = solver._gradients(X, y)
-        solver._update(grads)
-
-    return model, step
+    step = ExchangeStep(model, rule, {"learning_rate": LEARNING_RATES.get(rule, 1e-4)})
+    return model, lambda: step(X, y)
 
 
 def handwritten_gradients(weights, biases, X, y):
@@ -122,5 +114,3 @@ def section_step(args):
             for rule in args.rules:
                 rows.append(measure_step(args.hidden_dims, args.batch_size, dtype, rule, args.repeats, args.warmup))
     return rows
-
-

@@ -1,5 +1,0 @@
-"""`python -m dpnet.bench`: see dpnet.bench."""
-
-from . import main
-
-main()
