@@ -94,8 +94,8 @@ FLAGS = {
                                 "results, less memory)"),
     "shared_memory": ("bool", "with every process on one machine, sum the gradients in shared memory (/dev/shm) "
                               "instead of copying them through MPI, and with --shard-optimizer keep one copy of the "
-                              "parameters there and compute each process's block of the weight gradients from "
-                              "every process's activations (the same results, faster, less memory)"),
+                              "parameters there (faster, less memory; the sums are added in another order, so the "
+                              "results agree to rounding: closely in float64, while float32 runs may drift apart)"),
 }
 # What a resumed run may change; everything else shapes the model, the data or the optimization and must match.
 RESUME_MAY_CHANGE = {"data_dir", "download", "epochs", "logdir", "checkpoint_dir", "checkpoint_every", "resume",

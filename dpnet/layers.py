@@ -68,7 +68,7 @@ def relu_backward(dout, cache):
     cache is relu_forward's output: it is positive exactly where the input was.
     """
     out = cache
-    return dout * (out > 0)  # 16x faster than np.where here
+    return dout * (out > 0)  # a multiplication by the mask: faster than np.where
 
 
 def _global_sum(local_sum, n_local, count, reducer):
