@@ -10,7 +10,8 @@ A variant is `NAME=TREE:PROCESSES[:OPTION,...]`: TREE is a source folder holding
 checkout; another one, such as a `git worktree` of an older commit, compares code against code), PROCESSES the
 number of MPI processes (1: no mpiexec), and the options are Solver keywords switched off or on:
 `replicated` (shard_optimizer=False), `mpi` (shared_memory=False), `plain-loss` (the model's loss hides every
-keyword but `grads`, so that no Solver path can rely on a model-specific protocol).
+keyword but `grads`, so that no Solver path can rely on a model-specific protocol), `sequential` (the default model
+spelled as a dpnet.models.Sequential).
 
     python benchmarks/bench_recipe_step.py --data-dir DIR \
         --variant one=.:1 --variant two=.:2 --variant two-mpi=.:2:mpi --rounds 3
@@ -47,7 +48,7 @@ def worker(args):
     options = set(filter(None, args.options.split(",")))
     config = {**DEFAULTS, "epochs": 1, "num_train": args.steps * DEFAULTS["batch_size"]}
     data = load_data(str(args.data_dir), config)
-    model = build_model(config)
+    model = build_model(config) if "sequential" not in options else sequential_default(config)
     if "plain-loss" in options:
         loss = model.loss
         model.loss = lambda X, y=None, grads=None: loss(X, y, grads=grads)
@@ -67,6 +68,19 @@ def worker(args):
     solver.train()
     if times:  # rank 0
         Path(args.out).write_text(json.dumps(times))
+
+
+def sequential_default(config):
+    """The command line's default FullyConnectedNet spelled as a dpnet.models.Sequential (the same parameters)."""
+    from dpnet.models import Sequential
+
+    layers = []
+    for units in config["hidden_dims"]:
+        layers += [{"layer": "affine", "units": units, "weight_scale": config["weight_scale"]},
+                   config["normalization"], config["activation"]]
+    layers.append({"layer": "affine", "units": 10, "weight_scale": config["weight_scale"]})
+    return Sequential(layers, input_dim=(3, 32, 32), loss=config["loss"], reg=config["reg"],
+                      dtype=np.dtype(config["dtype"]), seed=config["seed"], label_smoothing=config["label_smoothing"])
 
 
 def run_variant(tree, processes, options, args, folder):

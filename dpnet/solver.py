@@ -118,8 +118,11 @@ class Solver:
         if self._streams_epoch != epoch:
             self._streams_epoch = epoch
             self._augment_rng = self._stream(3, epoch)  # draws for the whole global batch: the same on all ranks
-            if getattr(self.model, "dropout_param", None) is not None:  # each process masks its own shard
-                self.model.dropout_param["rng"] = self._stream(1, epoch, self.comm.rank)
+            rng = self._stream(1, epoch, self.comm.rank)  # each process draws its own shard's random masks
+            if getattr(self.model, "dropout_param", None) is not None:
+                self.model.dropout_param["rng"] = rng
+            for state in getattr(self.model, "bn_params", []):  # the layers' state dicts (dpnet.models.Sequential)
+                state["rng"] = rng
         return self.epoch_order[j * self.batch_size:(j + 1) * self.batch_size]
 
     def _my_rows(self, n):

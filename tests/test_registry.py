@@ -113,7 +113,7 @@ def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown kind 'activations': expected one of activation, normalization, "
                                          "loss"):
         registry.get_layer("activations", "relu")
-    with pytest.raises(ValueError, match="expected one of activation, normalization, loss, update_rule"):
+    with pytest.raises(ValueError, match="expected one of activation, normalization, loss, layer, update_rule"):
         registry.available("optimizer")
 
 

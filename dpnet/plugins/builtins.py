@@ -11,8 +11,12 @@ from .records import Layer
 
 @hookimpl
 def dpnet_layers():
-    """Activations relu; normalizations batchnorm, layernorm; losses softmax, svm."""
+    """Activations relu; normalizations batchnorm, layernorm; losses softmax, svm; layers affine, dropout."""
+    from .. import models  # the layers with parameters of their own, and Sequential, which uses this registry
+
     return [
+        models.AFFINE,
+        models.DROPOUT,
         Layer("relu", "activation", layers.relu_forward, layers.relu_backward),
         Layer("batchnorm", "normalization", layers.batchnorm_forward, layers.batchnorm_backward_alt),
         Layer("layernorm", "normalization", layers.layernorm_forward, layers.layernorm_backward),

@@ -4,7 +4,7 @@ import difflib
 
 from .records import UPDATE_RULE
 
-_PLURAL = {"activation": "activations", "normalization": "normalizations", "loss": "losses",
+_PLURAL = {"activation": "activations", "normalization": "normalizations", "loss": "losses", "layer": "layers",
            UPDATE_RULE: "update rules"}
 
 

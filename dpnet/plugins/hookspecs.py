@@ -35,7 +35,13 @@ def dpnet_layers():
       ``param`` is a dict holding at least ``"mode"`` (``"train"`` or ``"test"``) that the layer may keep state in
       (like batchnorm's running averages);
     - ``"loss"``: ``forward(scores, y) -> (loss, dscores)`` for scores ``(N, C)`` and integer labels ``y`` ``(N,)``;
-      ``backward`` is ``None``.
+      ``backward`` is ``None``;
+    - ``"layer"`` (a layer with parameters and state of its own, for ``dpnet.models.Sequential``):
+      ``Layer(name, "layer", forward, backward, init=init)`` with ``init(in_dim, rng, dtype, **options) -> (params,
+      out_dim)``, ``forward(x, params, state) -> (out, cache)`` and ``backward(dout, cache) -> (dx, grads)``;
+      ``in_dim``/``out_dim`` are one sample's shape, ``params`` and ``grads`` dicts of arrays with the same keys,
+      ``state`` a dict living as long as the model (``"mode"``; the Solver adds ``"rng"`` and, for synchronized
+      statistics over processes, ``"reducer"``). docs/plugins.md, "A layer with weights", has the whole contract.
 
     Names are per kind, unique across dpnet and every installed plugin (a clash is an error, never an override), and
     are what users type: ``FullyConnectedNet(activation=name)``, ``--activation name``.

@@ -36,6 +36,10 @@ CASES["sharded-own-arrays-batchnorm-adam"] = dict(normalization="batchnorm", rul
 CASES["unshared-layernorm-adam"] = dict(normalization="layernorm", rule="adam", shared_memory=False)
 CASES["sharded-unshared-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd_momentum", shard=True,
                                                         shared_memory=False)
+# The same networks spelled as dpnet.models.Sequential (its layers' state dicts: batchnorm's statistics use the reducer).
+CASES["sequential-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", sequential=True)
+CASES["sharded-sequential-layernorm-sgd_momentum"] = dict(normalization="layernorm", rule="sgd_momentum", shard=True,
+                                                          sequential=True)
 # Adam's epsilon is raised from 1e-8 so that it does not blow the rounding noise of zero-gradient parameters (the biases
 # feeding batchnorm) up to 1e-11-sized values that then shift the running means by 1e-10 relative in every run.
 OPTIM_CONFIGS = {"sgd_momentum": {"learning_rate": 0.05}, "adam": {"learning_rate": 2e-3, "epsilon": 1e-6}}
@@ -80,14 +84,34 @@ class _OwnArraysNet(FullyConnectedNet):
         return super().loss(X, y)
 
 
+# Sequential's parameter names, as FullyConnectedNet's: the two spellings compute the same network.
+_FC_NAMES = {f"{layer}{i}.{p}": f"{fc}{i}" for i in (1, 2, 3) for layer, p, fc in
+             (("affine", "W", "W"), ("affine", "b", "b"), ("batchnorm", "gamma", "gamma"), ("batchnorm", "beta", "beta"),
+              ("layernorm", "gamma", "gamma"), ("layernorm", "beta", "beta"))}
+
+
+def _sequential(normalization):
+    """FullyConnectedNet([20, 15], normalization=...) of run(), spelled as a Sequential."""
+    from dpnet.models import Sequential
+
+    layers = []
+    for units in (20, 15):
+        layers += [{"layer": "affine", "units": units, "weight_scale": 0.05}, normalization, "relu"]
+    layers.append({"layer": "affine", "units": CLASSES, "weight_scale": 0.05})
+    return Sequential([entry for entry in layers if entry], input_dim=SHAPE, reg=1e-3, dtype=np.float64, seed=0)
+
+
 def run(case, comm):
     """Train one case on `comm`; returns a dict of arrays (meaningful on every rank; written by rank 0)."""
     options = CASES[case]
     data = make_data(options.get("lazy", False))
-    model_class = _OwnArraysNet if options.get("own_arrays") else FullyConnectedNet
-    model = model_class([20, 15], input_dim=int(np.prod(SHAPE)), num_classes=CLASSES,
-                              normalization=options["normalization"], reg=1e-3, weight_scale=0.05,
-                              dtype=np.float64, seed=0)
+    if options.get("sequential"):
+        model = _sequential(options["normalization"])
+    else:
+        model_class = _OwnArraysNet if options.get("own_arrays") else FullyConnectedNet
+        model = model_class([20, 15], input_dim=int(np.prod(SHAPE)), num_classes=CLASSES,
+                            normalization=options["normalization"], reg=1e-3, weight_scale=0.05, dtype=np.float64,
+                            seed=0)
     last = _LastParams()
     solver = Solver(model, data, update_rule=options["rule"],
                     optim_config=OPTIM_CONFIGS[options["rule"]], lr_decay=0.9,
@@ -96,13 +120,18 @@ def run(case, comm):
                     shard_optimizer=options.get("shard", False), weight_decay=options.get("weight_decay", 0.0),
                     shared_memory=options.get("shared_memory", True))
     solver.train()
-    out = {f"last/{name}": value for name, value in getattr(last, "params", {}).items()}
-    out.update({f"state/{key}": value for key, value in getattr(last, "state", {}).items()})
-    out.update({f"grads/{name}": value for name, value in getattr(last, "grads", {}).items()})
+    rename = _FC_NAMES if options.get("sequential") else {}
+    out = {f"last/{rename.get(name, name)}": value for name, value in getattr(last, "params", {}).items()}
+    for key, value in getattr(last, "state", {}).items():
+        name, rest = key.split("/", 1)
+        out[f"state/{rename.get(name, name)}/{rest}"] = value
+    out.update({f"grads/{rename.get(name, name)}": value for name, value in getattr(last, "grads", {}).items()})
     out["grad_norm"] = np.array(getattr(last, "grad_norm", np.nan))
-    out.update({f"best/{name}": value for name, value in model.params.items()})
-    for i, param in enumerate(model.bn_params):
+    out.update({f"best/{rename.get(name, name)}": value for name, value in model.params.items()})
+    norm_states = [param for param in model.bn_params if "running_mean" in param or not rename]
+    for i, param in enumerate(norm_states):
         out.update({f"norm{i}/{key}": param[key] for key in ("running_mean", "running_var") if key in param})
+    out["scores"] = model.loss(data["X_val"][:25])  # test mode, the best parameters
     out["sharded"] = np.array(solver.exchange.sharded)
     # train() hands back arrays of the process's own (the shared memory is freed). Rank 0 keeps the last ones as
     # final_params; use_params("final") broadcasts them (checked identical everywhere), then "best" comes back.
