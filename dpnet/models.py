@@ -57,6 +57,8 @@ def _dropout_backward(dout, cache):
     return layers.dropout_backward(dout, cache), {}
 
 
+_affine_init.check_options = {"units": 5}  # what dpnet.testing.check_layer checks them with
+_dropout_init.check_options = {"keep": 0.6}
 AFFINE = Layer("affine", "layer", _affine_forward, _affine_backward, init=_affine_init)
 DROPOUT = Layer("dropout", "layer", _dropout_forward, _dropout_backward, init=_dropout_init)
 

@@ -1,7 +1,10 @@
 """Checks for plugin authors (and for dpnet's own layers): call them from your tests.
 
 - ``check_layer(layer)``: gradient-checks a ``dpnet.Layer`` of any kind in float64 against centred differences and
-  checks shapes, dtypes (a float32 input stays float32) and that inputs are not modified.
+  checks shapes, dtypes (a float32 input stays float32) and that inputs are not modified; for kind ``"layer"`` also
+  init, parameter gradients, state and a deterministic test mode.
+- ``check_model(model)``: gradient-checks every parameter of a whole model (``dpnet.models.Sequential``,
+  ``FullyConnectedNet``, a plugin's) in float64.
 - ``check_update_rule(rule)``: checks the signature ``rule(w, dw, config=None) -> (next_w, config)``, that ``w`` and
   ``dw`` are not modified, that hyper-parameters and all state live in the config (a run resumed from a copy of the
   config matches the uninterrupted run, as a checkpoint needs), that the rule decreases a convex quadratic, and that
@@ -10,7 +13,7 @@
   every layer and rule it provides.
 
 Each raises an ``AssertionError`` saying what is wrong: which gradient is off and by how much, which step of the
-contract was broken.
+contract was broken. The layer and model checks live in ``dpnet.plugins.testing_layers``.
 """
 
 import copy
@@ -18,159 +21,53 @@ import inspect
 
 import numpy as np
 
-from ..gradient_check import eval_numerical_gradient, eval_numerical_gradient_array
 from . import registry
 from .records import Layer, signature_problem
+from .testing_layers import _array, _fail, _unchanged, check_kind, check_model, gradient_error
 
-__all__ = ["check_layer", "check_update_rule", "check_plugin", "gradient_error"]
+__all__ = ["check_layer", "check_model", "check_plugin", "check_update_rule", "gradient_error"]
 
 # Types an update rule may keep in its config (what a checkpoint can save).
 _CONFIG_TYPES = (np.ndarray, np.generic, bool, int, float, str, type(None))
 
 
-def gradient_error(analytic, numerical):
-    """Relative error of a gradient: ||analytic - numerical|| / max(||analytic|| + ||numerical||, 1e-8)."""
-    analytic, numerical = np.asarray(analytic, dtype=np.float64), np.asarray(numerical, dtype=np.float64)
-    denominator = max(np.linalg.norm(analytic) + np.linalg.norm(numerical), 1e-8)
-    return float(np.linalg.norm(analytic - numerical) / denominator)
-
-
-def _fail(what, message):
-    raise AssertionError(f"{what}: {message}")
-
-
-def _compare(what, grad_name, analytic, numerical, tol):
-    """Assert that an analytic gradient matches the numerical one; the message says which and by how much."""
-    if np.shape(analytic) != np.shape(numerical):
-        _fail(what, f"gradient {grad_name} has shape {np.shape(analytic)}, expected {np.shape(numerical)}")
-    if not np.all(np.isfinite(analytic)):
-        _fail(what, f"gradient {grad_name} is not finite: {analytic!r}")
-    error = gradient_error(analytic, numerical)
-    if not error <= tol:
-        diff = np.abs(np.asarray(analytic, dtype=np.float64) - numerical)
-        worst = np.unravel_index(np.argmax(diff), diff.shape) if diff.ndim else ()
-        _fail(what, f"gradient {grad_name} is off: relative error {error:.2e} > {tol:.0e} (worst element "
-                    f"{tuple(int(i) for i in worst)}: analytic {np.asarray(analytic)[worst]:.8g}, numerical "
-                    f"{numerical[worst]:.8g})")
-
-
-def _pair(what, result, names):
-    if not isinstance(result, tuple) or len(result) != 2:
-        _fail(what, f"forward must return a tuple {names}, got {type(result).__name__} {result!r:.80}")
-    return result
-
-
-def _array(what, name, value, shape, dtype):
-    if not isinstance(value, np.ndarray):
-        _fail(what, f"{name} must be a NumPy array, got {type(value).__name__}")
-    if value.shape != shape:
-        _fail(what, f"{name} has shape {value.shape}, expected {shape}")
-    if value.dtype != dtype:
-        _fail(what, f"{name} has dtype {value.dtype} for a {np.dtype(dtype)} input (dtypes must be preserved: a "
-                    f"float32 model must not compute in float64)")
-    return value
-
-
-def _unchanged(what, name, value, original):
-    if not np.array_equal(value, original, equal_nan=True):
-        _fail(what, f"modified its input {name} in place (layers and rules must not modify their inputs)")
-
-
-def _activation(layer, what, rng, x, tol, h):
-    if x is None:
-        x = rng.uniform(-3, 3, size=(4, 6))
-        x[np.abs(x) < 1e-2] = 0.5  # keep centred differences away from a kink at 0 (relu-like layers)
-    x = np.array(x, dtype=np.float64)
-    for dtype in (np.float32, np.float64):
-        xd = x.astype(dtype)
-        x0 = xd.copy()
-        out, cache = _pair(what, layer.forward(xd), "(out, cache)")
-        _array(what, "out", out, xd.shape, xd.dtype)
-        dout = rng.standard_normal(xd.shape).astype(dtype)
-        dx = _array(what, "dx", layer.backward(dout, cache), xd.shape, xd.dtype)
-        _unchanged(what, "x", xd, x0)
-    numerical = eval_numerical_gradient_array(lambda v: layer.forward(v)[0], x.copy(), dout, h=h)
-    _compare(what, "dx", dx, numerical, tol)
-
-
-def _normalization(layer, what, rng, x, tol, h):
-    if x is None:
-        x = 3 * rng.standard_normal((5, 4)) + 2
-    x = np.array(x, dtype=np.float64)
-    D = x.shape[1]
-    gamma, beta = rng.uniform(0.5, 1.5, D), rng.standard_normal(D)
-    for dtype in (np.float32, np.float64):
-        args = [a.astype(dtype) for a in (x, gamma, beta)]
-        originals = [a.copy() for a in args]
-        out, cache = _pair(what, layer.forward(*args, {"mode": "train"}), "(out, cache)")
-        _array(what, "out", out, x.shape, dtype)
-        dout = rng.standard_normal(x.shape).astype(dtype)
-        grads = layer.backward(dout, cache)
-        if not isinstance(grads, tuple) or len(grads) != 3:
-            _fail(what, f"backward must return a tuple (dx, dgamma, dbeta), got {type(grads).__name__}")
-        for name, grad, arg in zip(("dx", "dgamma", "dbeta"), grads, args):
-            _array(what, name, grad, arg.shape, dtype)
-        for name, arg, original in zip(("x", "gamma", "beta"), args, originals):
-            _unchanged(what, name, arg, original)
-
-    # Test mode after training mode, with the same param dict (as a model does).
-    param = {"mode": "train"}
-    layer.forward(x, gamma, beta, param)
-    param["mode"] = "test"
-    out, _ = _pair(what, layer.forward(x, gamma, beta, param), "(out, cache)")
-    _array(what, "out (test mode)", out, x.shape, np.float64)
-    if not np.all(np.isfinite(out)):
-        _fail(what, "forward in test mode gave non-finite values")
-
-    inputs = {"x": x, "gamma": gamma, "beta": beta}
-    for name, grad in zip(("dx", "dgamma", "dbeta"), grads):
-        def f(value, name=name):
-            values = dict(inputs, **{name[1:]: value})
-            return layer.forward(values["x"], values["gamma"], values["beta"], {"mode": "train"})[0]
-
-        numerical = eval_numerical_gradient_array(f, inputs[name[1:]].copy(), dout, h=h)
-        _compare(what, name, grad, numerical, tol)
-
-
-def _loss(layer, what, rng, x, tol, h):
-    if x is None:
-        x = rng.standard_normal((6, 5))
-    scores = np.array(x, dtype=np.float64)
-    y = rng.integers(scores.shape[1], size=scores.shape[0])
-    for dtype in (np.float32, np.float64):
-        s = scores.astype(dtype)
-        s0 = s.copy()
-        loss, dscores = _pair(what, layer.forward(s, y), "(loss, dscores)")
-        if np.ndim(loss) != 0 or not np.isfinite(loss):
-            _fail(what, f"loss must be a finite scalar, got {loss!r:.80}")
-        _array(what, "dscores", dscores, s.shape, s.dtype)
-        _unchanged(what, "scores", s, s0)
-    numerical = eval_numerical_gradient(lambda v: layer.forward(v, y)[0], scores.copy(), verbose=False, h=h)
-    _compare(what, "dscores", dscores, numerical, tol)
-
-
-_CHECKS = {"activation": _activation, "normalization": _normalization, "loss": _loss}
-
-
-def check_layer(layer, *, x=None, seed=0, tol=1e-7, h=1e-5):
+def check_layer(layer, *, x=None, seed=0, tol=1e-7, h=1e-5, in_dim=None, options=None):
     """Gradient-check a layer of any kind, in float64, and check its contract.
 
     Inputs:
     - layer: a ``dpnet.Layer`` (e.g. ``dpnet.registry.get_layer("activation", "swish")``)
-    - x: the input to check at (activation: any shape; normalization: (N, D); loss: scores (N, C)); by default a
-      random one (activations: uniform in [-3, 3], away from 0). Pass your own to stay away from other kinks.
-    - seed: of the random inputs and upstream gradients
+    - x: the input to check at (activation: any shape; normalization: (N, D); loss: scores (N, C); layer: (N,
+      *in_dim)); by default a random one (activations and layers: uniform in [-3, 3], away from 0). Pass your own
+      to stay away from other kinks.
+    - seed: of the random inputs, upstream gradients, init's rng and the state's rng
     - tol: largest relative error allowed, ||analytic - numerical|| / (||analytic|| + ||numerical||)
     - h: step of the centred differences
+    - in_dim, options (kind "layer" only): one sample's input shape and the layer's keyword options to check with.
+      Without them: in_dim is x's (N, *in_dim) if x is given, else ``layer.init.check_in_dim`` if the init function
+      declares one, else (7,); options are ``layer.init.check_options`` if declared, else none (dpnet's affine is
+      checked with units=5, dropout with keep=0.6). Declare both on a layer whose init needs options or a particular
+      input shape, so that ``check_plugin`` and dpnet's own test suite can check it:
+      ``init.check_in_dim = (3, 8, 8)``, ``init.check_options = {"units": 4}``.
+
+    A layer of kind "layer" is initialized, run forward and backward in float32 and in float64 (with batches of 5
+    samples), each time checking that init returns ``(params, out_dim)`` with every parameter of the dtype asked
+    for; that out is (N, *out_dim), dx of x's shape and grads have exactly params' keys and shapes, all of the
+    input's dtype; that neither x nor params are modified; that everything the layer keeps in its state (keys other
+    than "mode", "options", "rng", "reducer") is a float array, as checkpoints save only those; that two forward
+    passes in "test" mode (after one in "train" mode, with the same state) give identical outputs; and, if backward
+    takes ``need_dx`` or ``grads_out``, that it gives the same gradients with them (grads_out arrays are NaN-filled
+    beforehand: they must be overwritten). Then dx
+    and every parameter's gradient are checked against centred differences in float64. The state is as Sequential
+    gives it: ``{"mode", "options", "rng"}``, ``"rng"`` a ``numpy.random.default_rng(seed)`` made afresh for every
+    train-mode evaluation, so that a layer drawing random numbers (dropout) is the same function at each one.
 
     Raises AssertionError naming the layer and what is wrong (e.g. "gradient dgamma is off: relative error 3.1e-02
-    > 1e-07 ..."). Returns None.
+    > 1e-07 ...", "layer 'prelu': grads['alpha'] has shape (1,), expected (7,)"). Returns None.
     """
     if not isinstance(layer, Layer):
         raise TypeError(f"check_layer expects a dpnet.Layer, got {type(layer).__name__} (look one up with "
                         f"dpnet.registry.get_layer(kind, name))")
-    what = f"{layer.kind} {layer.name!r}"
-    _CHECKS[layer.kind](layer, what, np.random.default_rng(seed), x, tol, h)
+    check_kind(layer, f"{layer.kind} {layer.name!r}", x, seed=seed, tol=tol, h=h, in_dim=in_dim, options=options)
 
 
 def _call_rule(rule, what, w, dw, config, step=""):
@@ -344,7 +241,9 @@ def _check_in_place(rule, in_place, what, user, grad, start, steps=20):
 
 def check_plugin(name):
     """Check that the plugin ``name`` (its entry-point name) is installed and loaded, and run ``check_layer`` and
-    ``check_update_rule`` over everything it provides. Returns its ``dpnet.registry.PluginInfo``."""
+    ``check_update_rule`` over everything it provides, layers of every kind: a layer of kind ``"layer"`` with the
+    input shape and options its init declares (``init.check_in_dim``, ``init.check_options``; see check_layer).
+    Returns its ``dpnet.registry.PluginInfo``."""
     infos = {info.name: info for info in registry.list_plugins()}
     info = infos.get(name)
     if info is None:
