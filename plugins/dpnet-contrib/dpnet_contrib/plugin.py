@@ -3,7 +3,7 @@
 # (``from dpnet import Layer, hookimpl`` is the same; this spelling also works with dpnet checkouts that predate it)
 from dpnet.registry import Layer, hookimpl
 
-from . import activations, optim
+from . import activations, layers, optim
 
 
 @hookimpl
@@ -13,6 +13,10 @@ def dpnet_layers():
         Layer("elu", "activation", activations.elu_forward, activations.elu_backward),
         Layer("gelu", "activation", activations.gelu_forward, activations.gelu_backward),
         Layer("tanh", "activation", activations.tanh_forward, activations.tanh_backward),
+        Layer("prelu", "layer", layers.prelu_forward, layers.prelu_backward, init=layers.prelu_init),
+        Layer("maxout", "layer", layers.maxout_forward, layers.maxout_backward, init=layers.maxout_init),
+        Layer("residual", "layer", layers.residual_forward, layers.residual_backward, init=layers.residual_init),
+        Layer("lowrank", "layer", layers.lowrank_forward, layers.lowrank_backward, init=layers.lowrank_init),
     ]
 
 

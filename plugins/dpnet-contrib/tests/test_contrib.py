@@ -20,6 +20,7 @@ from dpnet import registry, testing
 from dpnet_contrib import activations, optim
 
 ACTIVATIONS = ["leaky_relu", "elu", "gelu", "tanh"]
+LAYERS = ["prelu", "maxout", "residual", "lowrank"]  # kind "layer": tests/test_contrib_layers.py
 RULES = ["nesterov", "adagrad", "adamw"]
 
 
@@ -36,6 +37,7 @@ def test_the_plugin_provides_what_the_readme_says():
     info = testing.check_plugin("contrib")  # loaded, and every layer and rule passes the checks
     assert info.distribution == "dpnet-contrib"
     assert info.layers["activation"] == sorted(ACTIVATIONS)
+    assert info.layers["layer"] == sorted(LAYERS)
     assert info.update_rules == sorted(RULES)
 
 
