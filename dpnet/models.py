@@ -24,7 +24,7 @@ _NORM_OPTIONS = {"eps", "momentum"}
 # ----------------------------------------------------------------------------------------------- built-in layers
 def _affine_init(in_dim, rng, dtype, units, weight_scale=None):
     """W (D, units) ~ N(0, weight_scale^2) (default: He, sqrt(2 / D)), b zeros; D is the flattened input size."""
-    if isinstance(units, bool) or int(units) != units or units < 1:
+    if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units < 1:
         raise ValueError(f"units must be a positive integer, got {units!r}")
     fan_in = int(np.prod(in_dim))
     scale = np.sqrt(2.0 / fan_in) if weight_scale is None else float(weight_scale)

@@ -1,9 +1,14 @@
-"""The command line: train a FullyConnectedNet on CIFAR-10, in one process or many.
+"""The command line: train a network on CIFAR-10, in one process or many.
 
     python -m dpnet.train                          # the tuned default run (also installed as `dpnet-train`)
     mpiexec -n 4 python -m dpnet.train --epochs 5  # four processes, data parallel (global batch unchanged)
     python -m dpnet.train --config configs/smoke.toml
     python -m dpnet.train --resume runs/<run>/last.npz
+    python -m dpnet.train --layers affine:units=512,batchnorm,relu,affine:units=10 --optim momentum=0.8
+
+The network is a FullyConnectedNet (--hidden-dims, --activation, --normalization, --dropout, --weight-scale), a
+dpnet.models.Sequential of any registered layers (--layers), or a network a plugin provides (--model, with
+--model-option); the update rule's hyper-parameters other than the learning rate (--lr) come from --optim.
 
 A run writes into its log directory (default `runs/<timestamp>-<short config>`): the TensorBoard event file, the
 resolved configuration (`config.toml`, reusable with --config), the checkpoints `last.npz` and `best.npz`, and the
@@ -26,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import (LOCATION_KEYS, OUTPUT_DIRS, NUM_VALIDATION, UsageError, shown, build_parser, check_config,
-                     resolve_config, resolve_dirs, to_toml)
+from .config import (LOCATION_KEYS, MODEL_RUN_KEYS, OUTPUT_DIRS, NUM_VALIDATION, UsageError, shown, build_parser,
+                     check_config, model_keywords, resolve_config, resolve_dirs, to_toml)
 from .config import DEFAULTS, flag, load_toml  # noqa: F401 (re-exported: tests and benchmarks use them from here)
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -93,7 +98,24 @@ def load_data(folder, config):
         raise _data_error(exc) from None
 
 
+INPUT_SHAPE = (3, 32, 32)
+
+
 def build_model(config):
+    """The configuration's network: the plugin model `model` (its factory called with `model_options` and the run's
+    values of the MODEL_RUN_KEYS it takes), a dpnet.models.Sequential of `layers`, or else the FullyConnectedNet of
+    the FC_KEYS. UsageError when it cannot be built."""
+    if config["model"] is not None:
+        return _build_plugin_model(config)
+    if config["layers"] is not None:
+        from .models import Sequential
+
+        try:
+            return Sequential(config["layers"], input_dim=INPUT_SHAPE, loss=config["loss"], reg=config["reg"],
+                              dtype=np.dtype(config["dtype"]), seed=config["seed"],
+                              label_smoothing=config["label_smoothing"])
+        except ValueError as exc:
+            raise UsageError(f"--layers {shown(config['layers'])}: {exc}") from None
     from .classifiers.fc_net import FullyConnectedNet
 
     norm = None if config["normalization"] == "none" else config["normalization"]
@@ -101,6 +123,35 @@ def build_model(config):
                              weight_scale=config["weight_scale"], dtype=np.dtype(config["dtype"]),
                              seed=config["seed"], activation=config["activation"], loss=config["loss"],
                              label_smoothing=config["label_smoothing"])
+
+
+def _build_plugin_model(config):
+    from .registry import get_model
+
+    name = config["model"]
+    factory = get_model(name)
+    names, any_keyword = model_keywords(factory)
+    run = {"input_dim": INPUT_SHAPE, "loss": config["loss"], "reg": config["reg"],
+           "label_smoothing": config["label_smoothing"], "dtype": np.dtype(config["dtype"]), "seed": config["seed"]}
+    if names is None:  # no inspectable signature: the options only
+        given = {}
+    else:
+        given = {key: run[key] for key in MODEL_RUN_KEYS if any_keyword or key in names}
+    try:
+        model = factory(**given, **config["model_options"])
+    except (TypeError, ValueError) as exc:
+        options = f" with {shown(config['model_options'])}" if config["model_options"] else ""
+        raise UsageError(f"cannot build the model {name!r}{options}: {exc}") from None
+    params = getattr(model, "params", None)
+    if not isinstance(params, dict) or not params or not callable(getattr(model, "loss", None)):
+        raise UsageError(f"the factory of the model {name!r} returned a {type(model).__name__}, not a model (an "
+                         f"object with a dict of parameters `params` and a method `loss`)")
+    dtypes = sorted({str(np.asarray(value).dtype) for value in params.values()})
+    if dtypes != [config["dtype"]]:
+        untaken = "" if "dtype" in given else "; its factory does not take dtype"
+        raise UsageError(f"the model {name!r} has {', '.join(dtypes)} parameters but the run is {config['dtype']} "
+                         f"(--dtype){untaken}")
+    return model
 
 
 def make_lr_schedule(config):
@@ -114,7 +165,7 @@ def make_lr_schedule(config):
 
 
 def hyperparameters(config, num_processes):
-    hp = {k: (shown(v) if isinstance(v, list) or v is None else v)
+    hp = {k: (shown(v) if isinstance(v, (list, dict)) or v is None else v)
           for k, v in config.items() if k not in LOCATION_KEYS}
     hp["processes"] = num_processes
     return hp
@@ -219,7 +270,8 @@ def make_solver(comm, config, meta, data, model):
         # TensorBoard before the checkpoints: the events of a checkpointed epoch are on disk.
         monitors = [ProgressMonitor(quiet=config["quiet"]), tensorboard, checkpoints]
     shard = config["shard_optimizer"] and is_shardable(get_update_rule(config["update_rule"]))
-    solver = Solver(model, data, update_rule=config["update_rule"], optim_config={"learning_rate": config["lr"]},
+    optim_config = {"learning_rate": config["lr"], **config["optim"]}
+    solver = Solver(model, data, update_rule=config["update_rule"], optim_config=optim_config,
                     batch_size=config["batch_size"], num_epochs=config["epochs"], num_train_samples=1000,
                     num_val_samples=None, verbose=False, seed=config["seed"], comm=comm, monitors=monitors,
                     lr_schedule=make_lr_schedule(config), weight_decay=config["weight_decay"],
@@ -239,12 +291,23 @@ def make_solver(comm, config, meta, data, model):
     return solver, tensorboard, checkpoints
 
 
+def _network(config, model):
+    count = sum(int(np.size(value)) for value in model.params.values())
+    if config["model"] is not None:
+        options = f" {shown(config['model_options'])}" if config["model_options"] else ""
+        return f"model {config['model']}{options} ({type(model).__name__}, {count} parameters, {config['dtype']})"
+    if config["layers"] is not None:
+        return f"Sequential {shown(config['layers'])} ({count} parameters, {config['dtype']})"
+    dims = "-".join(map(str, [model.input_dim, *config["hidden_dims"], model.num_classes]))
+    return (f"FullyConnectedNet {dims} ({config['normalization']}, {config['activation']}, dropout keep "
+            f"{config['dropout']:g}, {config['dtype']})")
+
+
 def _describe(comm, config, meta, solver):
-    dims = "-".join(map(str, [solver.model.input_dim, *config["hidden_dims"], solver.model.num_classes]))
     threads = config["blas_threads"]
-    lines = [f"dpnet-train: FullyConnectedNet {dims} ({config['normalization']}, {config['activation']}, dropout "
-             f"keep {config['dropout']:g}, {config['dtype']}); {config['update_rule']} lr {config['lr']:g} decay "
-             f"{config['lr_decay']:g}; {config['epochs']} epochs of {config['num_train']} images in batches of "
+    optim = f" {shown(config['optim'])}" if config["optim"] else ""
+    lines = [f"dpnet-train: {_network(config, solver.model)}; {config['update_rule']} lr {config['lr']:g}{optim} "
+             f"decay {config['lr_decay']:g}; {config['epochs']} epochs of {config['num_train']} images in batches of "
              f"{config['batch_size']}; {comm.size} process{'es' * (comm.size > 1)} x {threads} BLAS "
              f"thread{'s' * (threads > 1)}"]
     if comm.size > 1:

@@ -61,13 +61,26 @@ def test_json(install, capsys):
     assert by_name["dpnet"] == {
         "name": "dpnet", "distribution": "dpnet", "version": dpnet.__version__, "module": "dpnet.builtins",
         "builtin": True, "status": "loaded", "reason": "",
-        "layers": {"activation": ["relu"], "normalization": ["batchnorm", "layernorm"], "loss": ["softmax", "svm"]},
-        "update_rules": ["adam", "rmsprop", "sgd", "sgd_momentum"]}
+        "layers": {"activation": ["relu"], "normalization": ["batchnorm", "layernorm"], "loss": ["softmax", "svm"],
+                   "layer": ["affine", "dropout"]},
+        "update_rules": ["adam", "rmsprop", "sgd", "sgd_momentum"], "models": []}
     assert by_name["fxgood"] == {
         "name": "fxgood", "distribution": "dpnetfx-good", "version": "1.0", "module": "dpnetfx_good",
         "builtin": False, "status": "loaded", "reason": "",
-        "layers": {"activation": ["fx_softsign"], "normalization": ["fx_scale"], "loss": ["fx_squared"]},
-        "update_rules": ["fx_signsgd"]}
+        "layers": {"activation": ["fx_softsign"], "normalization": ["fx_scale"], "loss": ["fx_squared"], "layer": []},
+        "update_rules": ["fx_signsgd"], "models": []}
+
+
+def test_models_and_layers_of_kind_layer_are_listed(install, capsys):
+    install("models")
+    code, out = _run(capsys)
+    assert code == 0
+    assert re.search(r"^ +layer: affine, dropout$", out, re.M), out
+    assert re.search(r"^fxmodels +dpnetfx-models +1\.0 +loaded +models: fx_mlp$", out, re.M), out
+    code, out = _run(capsys, "--json")
+    by_name = {p["name"]: p for p in json.loads(out)["plugins"]}
+    assert code == 0 and by_name["fxmodels"]["models"] == ["fx_mlp"]
+    assert by_name["fxmodels"]["layers"] == {"activation": [], "normalization": [], "loss": [], "layer": []}
 
 
 def test_broken_plugins_are_listed_with_their_errors_and_fail_the_command(install, capsys):

@@ -244,8 +244,15 @@ FAILURES = {
     "collides_builtin_rule": ("fxadam", "dpnetfx-collides-adam",
                               "provides update rule 'adam', which collides with a built-in"),
     "unknown_hook": ("fxunknownhook", "dpnetfx-unknown-hook",
-                     "implements an unknown hook 'dpnet_layer' (dpnet's hooks are dpnet_layers and "
-                     "dpnet_update_rules)"),
+                     "implements an unknown hook 'dpnet_layer' (dpnet's hooks are dpnet_layers, dpnet_update_rules "
+                     "and dpnet_models)"),
+    "models_not_a_dict": ("fxmodelsnotadict", "dpnetfx-models-not-a-dict",
+                          "returned a malformed record from dpnet_models: expected a dict {name: factory}, got list"),
+    "model_not_callable": ("fxmodelnotcallable", "dpnetfx-model-not-callable",
+                           "returned a malformed record from dpnet_models: model 'fx_model': the factory is not "
+                           "callable (got str)"),
+    "model_bad_name": ("fxmodelbadname", "dpnetfx-model-bad-name",
+                       "returned a malformed record from dpnet_models: 'my model' is not a valid model name"),
     "hook_arguments": ("fxhookarguments", "dpnetfx-hook-arguments",
                        "could not be registered: PluginValidationError"),
     "reserved_name": ("dpnet", "dpnetfx-reserved-name",
@@ -295,6 +302,39 @@ def test_collision_between_two_plugins_names_both(install, monkeypatch):
         monkeypatch.setenv("DPNET_DISABLE_PLUGINS", off)
         registry.reset()
         assert registry.available("activation")["fx_twin"].startswith(on)
+
+
+def test_model_found_through_its_entry_point(install):
+    assert "fx_mlp" not in registry.available("model")
+    install("models")
+    assert registry.available("model")["fx_mlp"] == "dpnetfx-models 1.0 (plugin 'fxmodels')"
+    module = sys.modules["dpnetfx_models"]  # imported by the registry, through the entry point
+    assert registry.get_model("fx_mlp") is module.mlp
+    info = next(info for info in registry.list_plugins() if info.name == "fxmodels")
+    assert (info.status, info.models, info.update_rules) == ("loaded", ["fx_mlp"], [])
+    assert info.to_dict()["models"] == ["fx_mlp"]
+    model = registry.get_model("fx_mlp")(width=8, input_dim=(4,), dtype=np.float64, seed=0)
+    assert sorted(model.params) == ["affine1.W", "affine1.b", "affine2.W", "affine2.b", "batchnorm1.beta",
+                                    "batchnorm1.gamma"]
+
+
+def test_unknown_model_lists_the_models_with_did_you_mean(install):
+    install("models")
+    with pytest.raises(UnknownNameError) as info:
+        registry.get_model("fx_mpl")
+    message = str(info.value)
+    assert "unknown model 'fx_mpl'; did you mean 'fx_mlp'? Available models: " in message, message
+    assert "fx_mlp from dpnetfx-models 1.0 (plugin 'fxmodels')" in message, message
+    assert info.value.kind == "model"
+
+
+def test_model_collision_between_two_plugins_names_both(install):
+    install("models", "model_twin")
+    with pytest.raises(PluginError) as info:
+        registry.get_model("fx_mlp")
+    message = str(info.value)
+    assert "provides model 'fx_mlp', which collides with the one from dpnetfx-model" in message, message
+    assert "dpnetfx-models 1.0" in message and "dpnetfx-model-twin 1.0" in message, message
 
 
 def test_two_distributions_with_one_plugin_name(install):

@@ -1,12 +1,16 @@
-"""dpnet's plugin machinery: pluggy hooks, the registry that resolves layers and update rules by name, and checks.
+"""dpnet's plugin machinery: pluggy hooks, the registry that resolves layers, update rules and models by name, and
+checks.
 
-- ``hookspecs``: what a plugin may provide (``dpnet_layers``, ``dpnet_update_rules``) and the ``hookimpl`` marker
+- ``hookspecs``: what a plugin may provide (``dpnet_layers``, ``dpnet_update_rules``, ``dpnet_models``) and the
+  ``hookimpl`` marker
 - ``records``: the ``Layer`` record, its kinds and the signature checks
 - ``errors``: ``PluginError``, ``UnknownNameError``
 - ``loader``: loading the built-ins and the entry points of the group ``dpnet`` into one plugin manager
-- ``registry``: the lookups (``get_layer``, ``get_update_rule``, ``available``, ``list_plugins``, ``reset``)
+- ``registry``: the lookups (``get_layer``, ``get_update_rule``, ``get_model``, ``available``, ``list_plugins``,
+  ``reset``)
 - ``builtins``: dpnet's own layers and rules, registered through the same hooks (plugin name ``"dpnet"``)
-- ``testing``: ``check_layer``, ``check_update_rule``, ``check_plugin`` for plugin authors
+- ``testing``, ``testing_layers``: ``check_layer``, ``check_model``, ``check_update_rule``, ``check_plugin`` for
+  plugin authors
 - ``cli``: ``python -m dpnet.plugins [--json]``
 
 The documented import paths are ``dpnet.registry``, ``dpnet.hookspecs``, ``dpnet.testing`` and ``from dpnet import

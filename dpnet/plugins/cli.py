@@ -1,11 +1,12 @@
 """List dpnet's plugins: ``python -m dpnet.plugins [--json]``.
 
-Prints each plugin's name, distribution, version, status and what it provides (layers by kind, update rules),
+Prints each plugin's name, distribution, version, status and what it provides (layers by kind, update rules, models),
 dpnet's built-ins first; disabled plugins (``DPNET_DISABLE_PLUGINS``, ``DPNET_DISABLE_PLUGIN_AUTOLOAD``) and broken
 ones are listed too, with the reason. Exits with status 1 when a plugin is broken (so that CI notices), else 0.
 
 ``--json`` prints ``{"plugins": [{"name", "distribution", "version", "module", "builtin", "status", "reason",
-"layers": {kind: [names]}, "update_rules": [names]}, ...], "autoload": bool, "errors": [messages]}``.
+"layers": {kind: [names]}, "update_rules": [names], "models": [names]}, ...], "autoload": bool, "errors":
+[messages]}``; the layer kinds are activation, normalization, loss and layer.
 """
 
 import argparse
@@ -19,6 +20,8 @@ def _provides(info):
     lines = [f"{kind}: {', '.join(names)}" for kind, names in info.layers.items() if names]
     if info.update_rules:
         lines.append(f"update rules: {', '.join(info.update_rules)}")
+    if info.models:
+        lines.append(f"models: {', '.join(info.models)}")
     if info.status != "loaded":
         lines = [f"({info.reason})" if info.status == "disabled" else "(failed to load: see below)"]
     return lines or ["(nothing)"]

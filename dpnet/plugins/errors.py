@@ -5,6 +5,7 @@ import difflib
 from .records import UPDATE_RULE
 
 _PLURAL = {"activation": "activations", "normalization": "normalizations", "loss": "losses", "layer": "layers",
+           "model": "models",
            UPDATE_RULE: "update rules"}
 
 

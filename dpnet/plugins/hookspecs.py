@@ -17,8 +17,8 @@ PROJECT = "dpnet"
 #: Marker for the hook specifications below (used by dpnet only).
 hookspec = pluggy.HookspecMarker(PROJECT)
 
-#: Marker for hook implementations: ``from dpnet import hookimpl`` and decorate ``dpnet_layers`` and/or
-#: ``dpnet_update_rules`` in your plugin module.
+#: Marker for hook implementations: ``from dpnet import hookimpl`` and decorate ``dpnet_layers``,
+#: ``dpnet_update_rules`` and/or ``dpnet_models`` in your plugin module.
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
@@ -57,4 +57,19 @@ def dpnet_update_rules():
     dict (created when ``None``, defaults filled in with ``setdefault``) and returns that dict. Names are unique
     across dpnet and every installed plugin and are what users type: ``Solver(update_rule=name)``,
     ``--update-rule name``.
+    """
+
+
+@hookspec
+def dpnet_models():
+    """Named networks this plugin provides.
+
+    Return a dict ``{name: factory}``; each factory is ``factory(**options) -> model``, a model as
+    ``dpnet.models.Sequential`` is one (``params``, ``loss(X)``, ``loss(X, y)``), typically a ``Sequential`` of a
+    fixed spec. ``python -m dpnet.train --model name --model-option key=value ...`` builds it: the factory gets the
+    ``--model-option`` options and, for each of the keywords ``input_dim`` (``(3, 32, 32)``), ``loss``, ``reg``,
+    ``label_smoothing``, ``dtype`` (a ``numpy.dtype``) and ``seed`` that it takes (by name, or all of them through
+    ``**kwargs``), the run's value. Its parameters must have the run's dtype. A resumed run calls the factory again
+    with the same options, so it must build the same parameter names and shapes every time. Names are unique across
+    dpnet and every installed plugin (``registry.get_model(name)``, ``registry.available("model")``).
     """

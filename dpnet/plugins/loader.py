@@ -18,6 +18,9 @@ from . import hookspecs
 from .errors import PluginError
 from .records import KINDS, UPDATE_RULE, VALID_NAME, Layer, layer_problem, signature_problem
 
+#: The kind of the ``dpnet_models`` hook's records (``available(MODEL)``).
+MODEL = "model"
+
 ENTRY_POINT_GROUP = "dpnet"
 #: Plugin name of dpnet's built-ins; reserved, and never disabled.
 BUILTIN_PLUGIN = "dpnet"
@@ -33,7 +36,7 @@ class PluginInfo:
     """One plugin as the registry saw it (``list_plugins()``, ``python -m dpnet.plugins``).
 
     status: ``"loaded"``, ``"disabled"`` (by the environment; ``reason`` says how) or ``"error"`` (``reason`` holds
-    the message). layers maps kind -> names; update_rules is a list of names (both empty unless loaded).
+    the message). layers maps kind -> names; update_rules and models are lists of names (all empty unless loaded).
     """
 
     name: str
@@ -45,6 +48,7 @@ class PluginInfo:
     reason: str = ""
     layers: dict = field(default_factory=lambda: {kind: [] for kind in KINDS})
     update_rules: list = field(default_factory=list)
+    models: list = field(default_factory=list)
 
     def dist_label(self):
         """``"dpnet-contrib 0.1.0"``: the distribution and its version."""
@@ -58,7 +62,7 @@ class PluginInfo:
         return {"name": self.name, "distribution": self.distribution, "version": self.version,
                 "module": self.module, "builtin": self.builtin, "status": self.status, "reason": self.reason,
                 "layers": {kind: list(names) for kind, names in self.layers.items()},
-                "update_rules": list(self.update_rules)}
+                "update_rules": list(self.update_rules), "models": list(self.models)}
 
 
 def env_flag(name):
@@ -92,7 +96,8 @@ class RegistryState:
         self.pm.add_hookspecs(hookspecs)
         self.layers = {kind: {} for kind in KINDS}  # kind -> name -> Layer (the fast path)
         self.rules = {}  # name -> rule
-        self.providers = {kind: {} for kind in (*KINDS, UPDATE_RULE)}  # kind -> name -> PluginInfo
+        self.models = {}  # name -> model factory
+        self.providers = {kind: {} for kind in (*KINDS, UPDATE_RULE, MODEL)}  # kind -> name -> PluginInfo
         self.plugins = []  # PluginInfo, in load order, including disabled and broken ones
         self.errors = []  # PluginError
         self.autoload = True
@@ -143,6 +148,20 @@ class RegistryState:
                                               f"{name!r}: {problem}")
                 self._check_free(info, UPDATE_RULE, name, {UPDATE_RULE: rules})
                 rules[name] = rule
+        models = {}
+        for result in self._call(plugin, "dpnet_models", info):
+            if not isinstance(result, dict):
+                raise _plugin_error(info, f"returned a malformed record from dpnet_models: expected a dict "
+                                          f"{{name: factory}}, got {type(result).__name__} {result!r:.80}")
+            for name, factory in result.items():
+                if not isinstance(name, str) or not VALID_NAME.match(name):
+                    raise _plugin_error(info, f"returned a malformed record from dpnet_models: {name!r} is not a "
+                                              f"valid model name (a letter, then letters, digits, '_', '-' or '.')")
+                if not callable(factory):
+                    raise _plugin_error(info, f"returned a malformed record from dpnet_models: model {name!r}: the "
+                                              f"factory is not callable (got {type(factory).__name__})")
+                self._check_free(info, MODEL, name, {MODEL: models})
+                models[name] = factory
         for kind, table in layers.items():
             self.layers[kind].update(table)
             self.providers[kind].update(dict.fromkeys(table, info))
@@ -150,6 +169,9 @@ class RegistryState:
         self.rules.update(rules)
         self.providers[UPDATE_RULE].update(dict.fromkeys(rules, info))
         info.update_rules = sorted(rules)
+        self.models.update(models)
+        self.providers[MODEL].update(dict.fromkeys(models, info))
+        info.models = sorted(models)
 
     def _check_free(self, info, kind, name, own):
         what = f"{kind.replace('_', ' ')} {name!r}"
@@ -173,7 +195,7 @@ class RegistryState:
             for caller in self.pm.get_hookcallers(plugin) or ():
                 if not caller.has_spec():
                     raise _plugin_error(info, f"implements an unknown hook {caller.name!r} (dpnet's hooks are "
-                                              f"dpnet_layers and dpnet_update_rules)")
+                                              f"dpnet_layers, dpnet_update_rules and dpnet_models)")
             self._collect(plugin, info)
         except PluginError as err:
             if self.pm.is_registered(plugin):
@@ -182,7 +204,7 @@ class RegistryState:
 
     def _fail(self, info, err):
         info.status, info.reason = "error", str(err)
-        info.layers, info.update_rules = {kind: [] for kind in KINDS}, []
+        info.layers, info.update_rules, info.models = {kind: [] for kind in KINDS}, [], []
         self.errors.append(err)
 
     def load_entry_points(self):

@@ -1,4 +1,4 @@
-"""The plugin registry: one pluggy manager that resolves layers and update rules by name.
+"""The plugin registry: one pluggy manager that resolves layers, update rules and models by name.
 
 On first use the registry creates a ``pluggy.PluginManager("dpnet")``, registers dpnet's own built-ins
 (``dpnet.plugins.builtins``, plugin name ``"dpnet"``), then loads every entry point of the group ``dpnet`` from the
@@ -21,12 +21,13 @@ import threading
 
 from .errors import PluginError, UnknownNameError
 from .hookspecs import hookimpl
-from .loader import (BUILTIN_PLUGIN, DISABLE_ENV, ENTRY_POINT_GROUP, NO_AUTOLOAD_ENV,  # noqa: F401 (re-exported)
-                     PluginInfo, build)
+from .loader import (BUILTIN_PLUGIN, DISABLE_ENV, ENTRY_POINT_GROUP, MODEL,  # noqa: F401 (re-exported)
+                     NO_AUTOLOAD_ENV, PluginInfo, build)
 from .records import KINDS, UPDATE_RULE, Layer
 
 __all__ = ["Layer", "hookimpl", "PluginError", "UnknownNameError", "PluginInfo", "KINDS", "ENTRY_POINT_GROUP",
-           "get_layer", "get_update_rule", "available", "list_plugins", "get_plugin_manager", "reset"]
+           "get_layer", "get_update_rule", "get_model", "available", "list_plugins", "get_plugin_manager", "reset"]
+
 
 _lock = threading.Lock()
 _state = None  # the loaded registry, once it loaded without errors
@@ -71,8 +72,8 @@ def _check_kind(kind, kinds):
 def get_layer(kind, name):
     """The Layer of this kind registered under this name.
 
-    kind: ``"activation"``, ``"normalization"`` or ``"loss"``; name: a registered name (a Layer of that kind is
-    returned as is). Raises UnknownNameError listing what is available, PluginError if a plugin is broken.
+    kind: ``"activation"``, ``"normalization"``, ``"loss"`` or ``"layer"``; name: a registered name (a Layer of that
+    kind is returned as is). Raises UnknownNameError listing what is available, PluginError if a plugin is broken.
     """
     state = _state if _state is not None else _loaded()
     try:
@@ -100,11 +101,25 @@ def get_update_rule(name):
     raise UnknownNameError(UPDATE_RULE, name, available(UPDATE_RULE), state.disabled_note())
 
 
+def get_model(name):
+    """The model factory (``factory(**options) -> model``, from a plugin's ``dpnet_models`` hook) registered under
+    this name (a callable is returned as is). Raises UnknownNameError listing what is available, PluginError if a
+    plugin is broken."""
+    state = _state if _state is not None else _loaded()
+    try:
+        return state.models[name]
+    except (KeyError, TypeError):
+        pass
+    if callable(name):
+        return name
+    raise UnknownNameError(MODEL, name, available(MODEL), state.disabled_note())
+
+
 def available(kind):
-    """Registered names of a kind (``"activation"``, ``"normalization"``, ``"loss"`` or ``"update_rule"``), sorted,
-    each mapped to who provides it: ``{"relu": "dpnet 0.1.0 (built-in)", "gelu": "dpnet-contrib 0.1.0 (plugin
-    'contrib')"}``."""
-    _check_kind(kind, (*KINDS, UPDATE_RULE))
+    """Registered names of a kind (``"activation"``, ``"normalization"``, ``"loss"``, ``"layer"``,
+    ``"update_rule"`` or ``"model"``), sorted, each mapped to who provides it: ``{"relu": "dpnet 0.1.0 (built-in)",
+    "gelu": "dpnet-contrib 0.1.0 (plugin 'contrib')"}``."""
+    _check_kind(kind, (*KINDS, UPDATE_RULE, MODEL))
     providers = _loaded().providers[kind]
     return {name: providers[name].describe() for name in sorted(providers)}
 

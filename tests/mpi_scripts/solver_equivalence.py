@@ -36,7 +36,8 @@ CASES["sharded-own-arrays-batchnorm-adam"] = dict(normalization="batchnorm", rul
 CASES["unshared-layernorm-adam"] = dict(normalization="layernorm", rule="adam", shared_memory=False)
 CASES["sharded-unshared-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd_momentum", shard=True,
                                                         shared_memory=False)
-# The same networks spelled as dpnet.models.Sequential (its layers' state dicts: batchnorm's statistics use the reducer).
+# The same networks spelled as dpnet.models.Sequential (its layers' state dicts; batchnorm's statistics use the
+# reducer).
 CASES["sequential-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", sequential=True)
 CASES["sharded-sequential-layernorm-sgd_momentum"] = dict(normalization="layernorm", rule="sgd_momentum", shard=True,
                                                           sequential=True)
@@ -86,8 +87,8 @@ class _OwnArraysNet(FullyConnectedNet):
 
 # Sequential's parameter names, as FullyConnectedNet's: the two spellings compute the same network.
 _FC_NAMES = {f"{layer}{i}.{p}": f"{fc}{i}" for i in (1, 2, 3) for layer, p, fc in
-             (("affine", "W", "W"), ("affine", "b", "b"), ("batchnorm", "gamma", "gamma"), ("batchnorm", "beta", "beta"),
-              ("layernorm", "gamma", "gamma"), ("layernorm", "beta", "beta"))}
+             (("affine", "W", "W"), ("affine", "b", "b"), ("batchnorm", "gamma", "gamma"),
+              ("batchnorm", "beta", "beta"), ("layernorm", "gamma", "gamma"), ("layernorm", "beta", "beta"))}
 
 
 def _sequential(normalization):
