@@ -562,13 +562,20 @@ def test_download_from_a_file_url(archive, tmp_path, monkeypatch):
     assert du.locate_CIFAR10(url=path.as_uri(), md5=md5) == tmp_path / "env_data" / du.CIFAR10_FOLDER
 
 
-def test_md5_mismatch_names_both_hashes_and_keeps_nothing(server, archive, tmp_path):
+def test_md5_mismatch_names_both_hashes_and_keeps_nothing(server, archive, tmp_path, monkeypatch):
+    """The archive is checked before anything is extracted: a mismatch never opens it at all."""
+    import tarfile
+
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
     data, md5, _ = archive
     server.files["/a.tar.gz"] = data
     with pytest.raises(du.ChecksumError) as info:
         du.locate_CIFAR10(tmp_path / "d", url=server.url("/a.tar.gz"), md5="0" * 32)
     assert md5 in str(info.value) and "0" * 32 in str(info.value)
     assert leftovers(tmp_path / "d") == []
+    assert opened == [], "the archive was opened before its checksum was known to be right"
 
 
 def test_interrupted_download_keeps_nothing(server, archive, tmp_path):

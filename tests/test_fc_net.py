@@ -100,6 +100,10 @@ def test_test_mode_uses_running_statistics_and_no_dropout():
     X = np.random.default_rng(0).standard_normal((4, 6))
     np.testing.assert_array_equal(model.loss(X), model.loss(X))  # deterministic at test time
     np.testing.assert_allclose(model.loss(X[:1]), model.loss(X)[:1], rtol=1e-12)  # no batch statistics
+    without = FullyConnectedNet([8], input_dim=6, num_classes=3, normalization="batchnorm", dtype=np.float64, seed=0)
+    for rng in (None, np.random.default_rng(1)):  # a seeded mask or the Solver's generator: never used at test time
+        model.dropout_param["rng"] = rng
+        np.testing.assert_array_equal(model.loss(X), without.loss(X))  # the same network with no dropout at all
 
 
 def test_two_layer_net_is_float64():

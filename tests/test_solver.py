@@ -162,6 +162,15 @@ def test_checkpoint_resume_is_exact(data, tmp_path, rule):
         np.testing.assert_array_equal(resumed.model.params[name], full.model.params[name])
     assert resumed.loss_history == full.loss_history
     assert resumed.val_acc_history == full.val_acc_history
+    # the normalization state too: the running statistics the model evaluates with, and those kept with the best
+    for name, value in full.best_norm_state.items():
+        np.testing.assert_array_equal(resumed.best_norm_state[name], value, err_msg=name)
+    for ours, theirs in zip(resumed.model.bn_params, full.model.bn_params):
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    resumed.use_params("final"), full.use_params("final")
+    for ours, theirs in zip(resumed.model.bn_params, full.model.bn_params):
+        np.testing.assert_array_equal(ours["running_var"], theirs["running_var"])
 
 
 def _run_until_epoch(solver, stop_epoch):
