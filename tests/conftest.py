@@ -1,9 +1,36 @@
 """Shared pytest fixtures."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # tests' own helpers: `from processes import ...`
+from processes import STARTED, group_alive, kill_group, run_in_group  # noqa: E402
+
+_JOB_FILES = ("mpich_shm_", "dpnet-copy-")  # what a job of ours may leave in /dev/shm
+
+
+def _job_files():
+    try:
+        return {name for name in os.listdir("/dev/shm") if name.startswith(_JOB_FILES)}
+    except OSError:
+        return set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_outlives_the_suite():
+    """After the whole session: no process group a test started is still running, and no /dev/shm file of a job
+    (MPICH's segments, dpnet's copy-on-write files) is left that was not there before."""
+    before = _job_files()
+    yield
+    alive = [pgid for pgid in STARTED if group_alive(pgid)]
+    for pgid in alive:
+        kill_group(pgid)
+    left = sorted(_job_files() - before)
+    assert not alive, f"process groups started by tests were still running at the end of the session: {alive}"
+    assert not left, f"files left in /dev/shm by the tests' jobs: {left}"
 
 
 @pytest.fixture(scope="session")
@@ -79,29 +106,12 @@ def run_mpi(mpiexec, clean_env):
 
     The child gets a clean environment (no launcher or thread-count variables, this checkout first on PYTHONPATH)
     plus `env`. Returns the subprocess.CompletedProcess with an added `elapsed` (seconds). A job still running after
-    `timeout` seconds is killed with its whole process group (no orphaned ranks left spinning) and the test fails.
+    `timeout` seconds is killed with its whole process group (no orphaned ranks left spinning) and the test fails;
+    so is whatever is left of the group when the test is interrupted (tests/support/processes.py).
     """
-    import signal
-    import subprocess
-    import sys
-    import time
-
     def run(n, script, *args, timeout=60, **env):
-        child_env = clean_env(**env)
         cmd = [mpiexec, "-n", str(n), sys.executable, str(MPI_SCRIPTS / script), *map(str, args)]
-        start = time.monotonic()
-        proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"{' '.join(cmd)} still running after {timeout} s (a hung job); killed it.\n"
-                        f"stdout:\n{stdout}\nstderr:\n{stderr}", pytrace=False)
-        result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-        result.elapsed = time.monotonic() - start
-        return result
+        return run_in_group(cmd, timeout, env=clean_env(**env))
 
     return run
 

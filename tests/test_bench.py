@@ -6,14 +6,12 @@ group of its own that is killed whole if it outlives its timeout. The figures ar
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import run_in_group
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -26,17 +24,9 @@ def run_script(clean_env, script, *args, timeout=120, prefix=(), **env):
     return its standard output after checking that it succeeded. Still running after `timeout` seconds, it is killed
     with its whole process group (its workers and MPI ranks too) and the test fails."""
     command = [*prefix, sys.executable, str(BENCHMARKS / script), *map(str, args)]
-    process = subprocess.Popen(command, env=clean_env(**env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{' '.join(command)} still running after {timeout} s; killed it.\nstdout:\n{stdout}\n"
-                    f"stderr:\n{stderr}", pytrace=False)
-    assert process.returncode == 0, f"{' '.join(command)} failed:\n{stdout}{stderr}"
-    return stdout
+    result = run_in_group(command, timeout, env=clean_env(**env), cwd=REPO)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}"
+    return result.stdout
 
 
 def run_bench(clean_env, tmp_path, *args, timeout=120):

@@ -670,7 +670,8 @@ def test_real_data_shapes_as_the_seed_prints_and_load_times(real, capsys):
         assert data["y_train"].dtype == np.int64 and data["X_train"].dtype == np.float64
     with capsys.disabled():
         print("\nCIFAR-10 load times: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
-    assert seconds["lazy, warm cache"] <= 3.0
+    # the warm lazy load maps the uint8 cache: a fraction of the eager load, which converts every image
+    assert seconds["lazy, warm cache"] <= 0.5 * seconds["eager, warm cache"], seconds
 
 
 def test_real_data_lazy_equals_eager_bit_for_bit(real):

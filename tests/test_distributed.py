@@ -6,7 +6,6 @@ Without mpi4py or mpiexec the MPI tests are skipped locally and fail when $CI is
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import numpy as np
 import pytest
 
 from dpnet.parallel import environment
+from processes import kill_group, run_in_group, start_in_group
+from requirements import require_program
 from dpnet.distributed import (SerialCommunicator, check_in_sync, fault_injection_point, get_communicator,
                                make_reducer, set_blas_threads)
 
@@ -27,10 +28,10 @@ SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 
 @pytest.fixture
 def run_python(clean_env):
-    """run_python(code, timeout=60, **env): `python -c code` in a clean environment (see conftest.clean_env)."""
+    """run_python(code, timeout=60, **env): `python -c code` in a clean environment (see conftest.clean_env), in a
+    process group of its own."""
     def run(code, timeout=60, **env):
-        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=clean_env(**env),
-                              capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        return run_in_group([sys.executable, "-c", textwrap.dedent(code)], timeout, env=clean_env(**env), cwd=REPO)
     return run
 
 
@@ -147,7 +148,7 @@ def test_one_process_under_mpiexec_is_serial(mpiexec, clean_env):
     code = ("import sys; from dpnet.distributed import get_communicator, SerialCommunicator; "
             "assert type(get_communicator()) is SerialCommunicator; assert 'mpi4py' not in sys.modules; print('ok')")
     cmd = [mpiexec, "-n", "1", sys.executable, "-c", code]
-    result = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=30)
+    result = run_in_group(cmd, 30, env=clean_env())
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
@@ -189,8 +190,7 @@ def test_fault_on_one_rank_aborts_the_whole_job(run_mpi):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_on_a_rank_blocked_in_allreduce_aborts_the_whole_job(sig, tmp_path, mpiexec, clean_env):
     cmd = [mpiexec, "-n", "3", sys.executable, str(SCRIPTS / "wait_for_signal.py"), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_in_group(cmd, env=clean_env())
     try:
         deadline = time.monotonic() + 30
         while not (tmp_path / "pid1").exists():
@@ -202,8 +202,8 @@ def test_signal_on_a_rank_blocked_in_allreduce_aborts_the_whole_job(sig, tmp_pat
         _, stderr = proc.communicate(timeout=15)
         elapsed = time.monotonic() - start
     finally:
+        kill_group(proc.pid)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode != 0
     assert elapsed < 15
@@ -227,8 +227,7 @@ LAUNCH = REPO / "launch"
 
 @pytest.mark.parametrize("args", [[], ["0"], ["-2"], ["two"], [""]])
 def test_local_sh_rejects_a_bad_process_count(args, clean_env):
-    result = subprocess.run(["bash", str(LAUNCH / "local.sh"), *args], env=clean_env(), capture_output=True,
-                            text=True, timeout=30)
+    result = run_in_group(["bash", str(LAUNCH / "local.sh"), *args], 30, env=clean_env())
     assert result.returncode == 2, result.stderr
     assert "number of processes" in result.stderr and "usage" in result.stderr.lower()
 
@@ -236,9 +235,9 @@ def test_local_sh_rejects_a_bad_process_count(args, clean_env):
 @pytest.mark.parametrize("script", ["local.sh", "hosts.sh", "slurm.sbatch"])
 def test_launch_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True).returncode == 0
-    if shutil.which("shellcheck"):  # an optional linter: checked where it is installed
-        result = subprocess.run(["shellcheck", "-s", "bash", str(LAUNCH / script)], capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout
+    shellcheck = require_program("shellcheck", "apt-get install shellcheck")
+    result = subprocess.run([shellcheck, "-s", "bash", str(LAUNCH / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
 
 
 
@@ -353,7 +352,6 @@ def test_a_raw_mpi4py_communicator_is_wrapped(n, mpiexec, clean_env):
         if solver.comm.rank == 0:
             print("ok", solver.comm.size, flush=True)
     """)
-    result = subprocess.run([mpiexec, "-n", str(n), sys.executable, "-c", code], env=clean_env(),
-                            capture_output=True, text=True, timeout=45, start_new_session=True)
+    result = run_in_group([mpiexec, "-n", str(n), sys.executable, "-c", code], 45, env=clean_env())
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == f"ok {n}\n", result.stdout

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from requirements import require_module
 
 from dpnet.checkpoint import load_checkpoint
 from dpnet.classifiers.fc_net import FullyConnectedNet
@@ -129,6 +130,6 @@ def test_progress_monitor_prints_one_line_per_epoch_unless_quiet():
 
 
 def test_save_curves_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib", "pip install 'dpnet[plot]'")
     path = save_curves(tmp_path / "curves.png", [2.3, 2.0, 1.5], [0.1, 0.3], [0.1, 0.25])
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

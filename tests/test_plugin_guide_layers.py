@@ -11,14 +11,13 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import run_in_group
 
 from dpnet.checkpoint import load_checkpoint
 
@@ -97,18 +96,9 @@ def _env(cache, **extra):
 
 
 def _run(command, *, cwd, env, timeout=300):
-    """Run `command`; one still running after `timeout` seconds is killed with its process group and fails."""
-    command = [str(c) for c in command]
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{' '.join(command)} still running after {timeout} s; killed it.\n{stdout}\n{stderr}",
-                    pytrace=False)
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    """Run `command` in a process group of its own (killed whole on every exit path); one still running after
+    `timeout` seconds fails the test."""
+    return run_in_group([str(c) for c in command], timeout, cwd=cwd, env=env)
 
 
 def _ok(command, **kwargs):

@@ -130,18 +130,31 @@ def test_layer_objects_and_callables_pass_through():
 
 
 def test_lookup_costs_a_dict_access():
+    """A lookup after loading costs a few dict accesses: measured against a function doing three dict lookups in
+    the same loop (a ratio, so that a slow or busy machine does not decide), best of five rounds each."""
     registry.get_layer("activation", "relu")  # loads
-    n = 20000
-    start = time.perf_counter()
-    for _ in range(n):
-        registry.get_layer("activation", "relu")
-        registry.get_update_rule("sgd")
-    per_lookup = (time.perf_counter() - start) / (2 * n)
-    assert per_lookup < 5e-6, f"{per_lookup * 1e6:.2f} us per lookup"
+    table = {"activation": {"relu": 1}}
+    rules = {"sgd": 1}
+
+    def three_dict_accesses(kind, name):
+        return table[kind][name] and rules["sgd"]
+
+    def best(lookup, n=20000):
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(n):
+                lookup("activation", "relu")
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    ratio = best(registry.get_layer) / best(three_dict_accesses)
+    assert ratio < 4, f"a registry lookup costs {ratio:.1f} times three dict accesses"
 
 
 def test_models_resolve_names_once_at_construction(monkeypatch):
-    fc_net = pytest.importorskip("dpnet.classifiers.fc_net")
+    from dpnet.classifiers import fc_net
+
     model = fc_net.FullyConnectedNet([6], input_dim=4, num_classes=3, normalization="layernorm", dtype=np.float64,
                                      seed=0)
 
@@ -177,8 +190,9 @@ def test_plugin_found_through_its_entry_point(install):
 
 
 def test_plugin_layers_and_rules_train_a_model_by_name(install):
-    fc_net = pytest.importorskip("dpnet.classifiers.fc_net")
-    solver_module = pytest.importorskip("dpnet.solver")
+    from dpnet import solver as solver_module
+    from dpnet.classifiers import fc_net
+
     install("good")
     rng = np.random.default_rng(0)
     X = rng.standard_normal((60, 4))

@@ -363,3 +363,29 @@ def test_model_from_a_plugin_trains_and_resumes(install, site, cifar10_dir, dpne
     resumed = run_ok("--resume", tmp_path / "logs" / "last.npz", "--epochs", "2", "--quiet", cwd=tmp_path,
                      cache=dpnet_cache_dir, **env)
     assert checkpoint(tmp_path / "logs" / "last.npz")[1]["epoch"] == 2, resumed.stdout
+
+
+@pytest.mark.timeout(300)
+def test_a_rule_that_is_not_elementwise_is_replicated_and_gives_what_one_process_gives(
+        install, site, mpiexec, cifar10_dir, dpnet_cache_dir, tmp_path):
+    """The command line shards the update rule's state by default, but only for rules declaring themselves
+    elementwise: a rule whose step depends on the whole gradient's norm keeps its whole state on every process, so 2
+    processes compute what one computes (float64, the same global batch), state included."""
+    install("whole_rule")
+    env = dict(PYTHONPATH=os.pathsep.join([str(site), str(REPO)]))
+    args = ["--update-rule", "fx_clipped_momentum", "--lr", "0.05", "--num-train", "600", "--batch-size", "100",
+            "--epochs", "2", "--hidden-dims", "20", "--normalization", "none", "--dtype", "float64", "--seed", "3",
+            "--data-dir", cifar10_dir, "--quiet"]
+    runs = {}
+    for n in (1, 2):
+        logs = tmp_path / f"n{n}"
+        run_ok(*args, "--logdir", logs, cwd=tmp_path, cache=dpnet_cache_dir, mpiexec=mpiexec,
+               n=n if n > 1 else None, **env)
+        runs[n] = checkpoint(logs / "last.npz")
+    (one, _), (two, meta) = runs[1], runs[2]
+    assert meta["num_processes"] == 2 and meta["config"]["update_rule"] == "fx_clipped_momentum"
+    velocities = [key for key in one if key.startswith("optim/") and key.endswith("/velocity")]
+    assert velocities and all(two[key].shape == one[key].shape for key in velocities)  # whole, not a block
+    for key in [k for k in one if k.startswith(("param/", "optim/"))]:
+        scale = max(np.max(np.abs(one[key])), np.finfo(np.float64).tiny)
+        assert np.max(np.abs(two[key] - one[key])) / scale <= 1e-10, key

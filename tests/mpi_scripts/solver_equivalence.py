@@ -2,7 +2,8 @@
 with the Solver on the MPI world; rank 0 writes the results to OUT.npz. tests/test_solver_mpi.py imports this file and
 calls `run(case, SerialCommunicator())` for the one-process reference, so both sides share one definition.
 
-Every run: float64, no dropout, the same seed and global batch (50: uneven shards over 3 or 4 processes), 500 samples
+Every run: float64, no dropout, the same seed and global batch (50: uneven shards over 3 or 4 processes; one case 49,
+uneven over 2 too), 500 samples
 of shape (3, 4, 4) in 5 classes, 2 epochs of 10 steps (lr decay, L2 regularization, sampled train accuracy).
 """
 
@@ -31,6 +32,8 @@ CASES["sharded-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", s
 CASES["sharded-layernorm-adam-decay"] = dict(normalization="layernorm", rule="adam", shard=True, weight_decay=0.5)
 # A model whose loss returns its own gradient arrays (no `grads` keyword): they are copied into the exchange's buffer.
 CASES["sharded-own-arrays-batchnorm-adam"] = dict(normalization="batchnorm", rule="adam", shard=True, own_arrays=True)
+# A global batch of 49: uneven shards with 2 processes too (25 + 24), not only with 3 and 4.
+CASES["uneven-batchnorm-sgd_momentum"] = dict(normalization="batchnorm", rule="sgd_momentum", batch=49)
 # The processes run on one machine: the gradients are summed in shared memory (and the sharded cases share one
 # parameter vector), but for these two, which take MPI's collectives (Allreduce; reduce-scatter and allgather).
 CASES["unshared-layernorm-adam"] = dict(normalization="layernorm", rule="adam", shared_memory=False)
@@ -116,7 +119,8 @@ def run(case, comm):
     last = _LastParams()
     solver = Solver(model, data, update_rule=options["rule"],
                     optim_config=OPTIM_CONFIGS[options["rule"]], lr_decay=0.9,
-                    batch_size=BATCH, num_epochs=EPOCHS, num_train_samples=120, seed=3, comm=comm, verbose=False,
+                    batch_size=options.get("batch", BATCH), num_epochs=EPOCHS, num_train_samples=120, seed=3,
+                    comm=comm, verbose=False,
                     monitors=[last], sync_batchnorm=options.get("sync_batchnorm", True),
                     shard_optimizer=options.get("shard", False), weight_decay=options.get("weight_decay", 0.0),
                     shared_memory=options.get("shared_memory", True))
