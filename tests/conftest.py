@@ -21,8 +21,9 @@ def _job_files():
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_outlives_the_suite():
-    """After the whole session: no process group a test started is still running, and no /dev/shm file of a job
-    (MPICH's segments, dpnet's copy-on-write files) is left that was not there before."""
+    """After the whole session: no process group a test started is still running, and (under CI, where nothing else
+    runs) no /dev/shm file of a job (MPICH's segments, dpnet's copy-on-write files) is left that was not there
+    before."""
     before = _job_files()
     yield
     alive = [pgid for pgid in STARTED if group_alive(pgid)]
@@ -30,7 +31,12 @@ def nothing_outlives_the_suite():
         kill_group(pgid)
     left = sorted(_job_files() - before)
     assert not alive, f"process groups started by tests were still running at the end of the session: {alive}"
-    assert not left, f"files left in /dev/shm by the tests' jobs: {left}"
+    if left and os.environ.get("CI"):  # elsewhere another MPI job on the machine may have made them: a warning only
+        pytest.fail(f"files left in /dev/shm by the tests' jobs: {left}", pytrace=False)
+    elif left:
+        import warnings
+
+        warnings.warn(f"files left in /dev/shm during the test session (by its jobs, or another job): {left}")
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,8 @@ BUILTIN = f"dpnet {dpnet.__version__} (built-in)"
 pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
-def relu_layer(name="r", kind="activation", forward=layers.relu_forward, backward=layers.relu_backward):
-    return Layer(name, kind, forward, backward)
+def relu_layer(name="r", kind="activation", forward=layers.relu_forward, backward=layers.relu_backward, init=None):
+    return Layer(name, kind, forward, backward, init=init)
 
 
 # ---------------------------------------------------------------------------------------------------- built-ins
@@ -77,6 +77,14 @@ def test_layer_is_a_frozen_validated_record():
     (dict(backward=lambda dout: dout), "backward must be callable as backward(dout, cache)"),
     (dict(name="my relu"), "name 'my relu' is not a valid layer name"),
     (dict(name=""), "name '' is not a valid layer name"),
+    (dict(init=lambda in_dim, rng, dtype: ({}, in_dim)), "only layers of kind 'layer' have an init (a activation "
+                                                          "layer has no parameters of its own)"),
+    (dict(kind="layer", forward=lambda x, params, state: (x, None)), "a layer of kind 'layer' needs init(in_dim, rng, "
+                                                                     "dtype, **options): init is not callable"),
+    (dict(kind="layer", forward=lambda x, params, state: (x, None), init=lambda in_dim: ({}, in_dim)),
+     "init must be callable as init(in_dim, rng, dtype)"),
+    (dict(kind="layer", init=lambda in_dim, rng, dtype: ({}, in_dim)), "forward must be callable as forward(x, "
+                                                                       "params, state)"),
 ])
 def test_malformed_layer_is_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):

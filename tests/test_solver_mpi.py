@@ -105,6 +105,7 @@ def test_n_processes_compute_what_one_process_computes(mpi_results, case):
     # unless told not to (then: MPI's collectives)
     assert bool(ours["shared_memory"]) == ("unshared" not in case) and not reference["shared_memory"]
     assert ours["final_is_last"] and reference["final_is_last"]
+    assert ours["use_params_restores_norm"] and reference["use_params_restores_norm"]
     assert _relative_difference(ours["scores"], reference["scores"]) <= 1e-10  # test mode, the best parameters
     # the trained model: one copy-on-write mapping per machine, unless told not to use shared memory
     mapping = 0 if "unshared" in case else n

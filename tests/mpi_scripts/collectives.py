@@ -139,6 +139,14 @@ except RuntimeError as exc:
     assert f"rank(s) [{n - 1}]" in str(exc), exc
 else:
     raise AssertionError("check_in_sync missed a perturbed rank")
+params[17] = 0.5  # the same everywhere again; now only the second of two arrays differs, on rank 0
+second = np.ones(5) if r else np.zeros(5)
+try:
+    check_in_sync(comm, [params, second])
+except RuntimeError as exc:
+    assert "rank(s) [0]" in str(exc) or n == 2, exc  # two ranks: a tie, broken in rank 0's favour
+else:
+    raise AssertionError("check_in_sync missed a difference in the second array")
 
 comm.barrier()  # reached only if every rank passed: a failed assertion aborts the job
 if comm.is_root:

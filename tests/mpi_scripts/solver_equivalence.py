@@ -146,7 +146,17 @@ def run(case, comm):
     loaded = all(np.array_equal(model.params[name], value) for name, value in getattr(last, "params", {}).items())
     alone = comm.size == 1 or (comm.rank == 0) == bool(solver.final_params)  # rank 0 alone keeps them
     out["final_is_last"] = np.array(kept and loaded and alone)
+    best_norm = [{k: v.copy() for k, v in p.items() if isinstance(v, np.ndarray)} for p in model.bn_params]
     solver.use_params("best")
+    # use_params brings back rank 0's normalization state too, on every rank: wipe it, then load the best again
+    for param in model.bn_params:
+        for key in [k for k, v in param.items() if isinstance(v, np.ndarray)]:
+            param[key] = np.full_like(param[key], np.nan)
+    solver.use_params("best")
+    restored = [{k: v for k, v in p.items() if isinstance(v, np.ndarray)} for p in model.bn_params]
+    norm_ok = all(np.isfinite(v).all() for p in restored for v in p.values())
+    out["use_params_restores_norm"] = np.array(norm_ok and all(
+        p.keys() == q.keys() and all(np.array_equal(p[k], q[k]) for k in p) for p, q in zip(restored, best_norm)))
     out["shared_memory"] = np.array(getattr(last, "shared", False))
     # On one machine the model that train() hands back is one copy in memory, mapped copy-on-write by every process,
     # and so are rank 0's kept best parameters (dpnet.parallel.bcast_copy_on_write).
