@@ -4,12 +4,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
+from processes import run_in_group
 
 import dpnet
 from dpnet import plugins, registry
@@ -124,13 +124,12 @@ def test_disabled_plugins_are_listed_as_disabled(install, capsys, monkeypatch):
 def test_python_dash_m(install, site):
     """The module runs as `python -m dpnet.plugins` and finds entry points on PYTHONPATH like installed ones."""
     install("good")
-    proc = subprocess.run([sys.executable, "-m", "dpnet.plugins", "--json"], cwd=site.parent, capture_output=True,
-                          text=True, timeout=60, env=_clean_env(PYTHONPATH=str(site)))
+    proc = run_in_group([sys.executable, "-m", "dpnet.plugins", "--json"], 60, cwd=site.parent,
+                        env=_clean_env(PYTHONPATH=str(site)))
     assert proc.returncode == 0, proc.stderr
     by_name = {p["name"]: p for p in json.loads(proc.stdout)["plugins"]}
     assert by_name["fxgood"]["layers"]["activation"] == ["fx_softsign"]
-    help_text = subprocess.run([sys.executable, "-m", "dpnet.plugins", "--help"], capture_output=True, text=True,
-                               timeout=60).stdout
+    help_text = run_in_group([sys.executable, "-m", "dpnet.plugins", "--help"], 60).stdout
     assert "usage: python -m dpnet.plugins [-h] [--json]" in help_text
 
 
@@ -173,18 +172,18 @@ def _venv_with_example(tmp_path):
     guide's example is installed with pip, as a user would (a wheel build; no network: --no-deps,
     --no-build-isolation)."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    assert run_in_group([sys.executable, "-m", "venv", "--without-pip", str(venv)], 120).returncode == 0
     python = venv / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    purelib = run_in_group([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           60).stdout.strip()
     # This environment's site-packages as a site dir (its .pth files, an editable dpnet's among them, are processed).
     parent = sysconfig.get_paths()["purelib"]
     Path(purelib, "_dpnet_test_parent_env.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
     source = tmp_path / "dpnet-swish"
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
-    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                           "--no-build-isolation", "--no-input", "--disable-pip-version-check", "--quiet", str(source)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_in_group([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                         "--no-build-isolation", "--no-input", "--disable-pip-version-check", "--quiet", str(source)],
+                        300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return python, source
 
@@ -196,31 +195,31 @@ def test_guide_example_installed_with_pip_is_listed_checked_and_trains(tmp_path,
     and from `python -m dpnet.train`."""
     python, source = _venv_with_example(tmp_path)
     env = _clean_env(DPNET_CACHE_DIR=str(dpnet_cache_dir))
-    run = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    run = dict(cwd=tmp_path, env=env)
 
-    proc = subprocess.run([str(python), "-m", "dpnet.plugins", "--json"], **run)
+    proc = run_in_group([str(python), "-m", "dpnet.plugins", "--json"], 300, **run)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     by_name = {p["name"]: p for p in json.loads(proc.stdout)["plugins"]}
     assert by_name["swish"]["distribution"] == "dpnet-swish" and by_name["swish"]["version"] == "0.1.0"
     assert by_name["swish"]["layers"]["activation"] == ["swish"] and by_name["swish"]["update_rules"] == ["lion"]
     # installed, not found in the source tree
-    where = subprocess.run([str(python), "-c", "import dpnet_swish; print(dpnet_swish.__file__)"], **run)
+    where = run_in_group([str(python), "-c", "import dpnet_swish; print(dpnet_swish.__file__)"], 300, **run)
     assert where.returncode == 0 and "site-packages" in where.stdout, where.stdout + where.stderr
 
     # the example's own tests: check_plugin (check_layer + check_update_rule) and a training run
     ini = tmp_path / "pytest.ini"
     ini.write_text("[pytest]\n")
-    proc = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ini),
-                           "--rootdir", str(tmp_path), str(source / "tests")], **run)
+    proc = run_in_group([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ini),
+                         "--rootdir", str(tmp_path), str(source / "tests")], 300, **run)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 passed" in proc.stdout, proc.stdout
 
     # ... and from the command line, on a slice of the real CIFAR-10
-    usage = subprocess.run([str(python), "-m", "dpnet.train", "--help"], **run)
+    usage = run_in_group([str(python), "-m", "dpnet.train", "--help"], 300, **run)
     assert usage.returncode == 0 and "--activation" in usage.stdout and "--update-rule" in usage.stdout, usage.stdout
-    proc = subprocess.run([str(python), "-m", "dpnet.train", "--activation", "swish", "--update-rule", "lion",
-                           "--data-dir", str(cifar10_dir), "--num-train", "500", "--hidden-dims", "20",
-                           "--batch-size", "100", "--epochs", "1", "--logdir", str(tmp_path / "run"), "--quiet"],
-                          **run)
+    proc = run_in_group([str(python), "-m", "dpnet.train", "--activation", "swish", "--update-rule", "lion",
+                         "--data-dir", str(cifar10_dir), "--num-train", "500", "--hidden-dims", "20",
+                         "--batch-size", "100", "--epochs", "1", "--logdir", str(tmp_path / "run"), "--quiet"],
+                        300, **run)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"^test accuracy \d\.\d+ ", proc.stdout, re.M), proc.stdout
