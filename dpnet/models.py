@@ -96,6 +96,7 @@ def adapt_normalization(norm):
         return {"gamma": np.ones(in_dim, dtype=dtype), "beta": np.zeros(in_dim, dtype=dtype)}, tuple(in_dim)
 
     def forward(x, params, state):
+        state.update(state["options"])  # eps, momentum: where the normalization's param dict holds them
         return norm.forward(x, params["gamma"], params["beta"], state)
 
     def backward(dout, cache):

@@ -62,6 +62,17 @@ def test_parameters_are_named_by_layer_and_written_into_given_arrays():
     np.testing.assert_array_equal(out["affine1.W"], model.loss(X, y)[1]["affine1.W"])
 
 
+def test_normalization_options_reach_the_normalization():
+    X = np.random.default_rng(1).standard_normal((8, 6))
+    model = Sequential([{"layer": "batchnorm", "momentum": 0.5, "eps": 1e-3}, {"layer": "affine", "units": 2}],
+                       input_dim=(6,), dtype=np.float64, seed=0)
+    model.loss(X, np.zeros(8, dtype=int))
+    state = model.bn_params[0]
+    np.testing.assert_allclose(state["running_mean"], 0.5 * X.mean(axis=0), rtol=1e-12)  # momentum 0.5, not 0.9
+    np.testing.assert_allclose(state["running_var"], 0.5 + 0.5 * X.var(axis=0), rtol=1e-12)
+    assert state["eps"] == 1e-3
+
+
 def test_reg_is_l2_on_parameters_of_two_or_more_dimensions():
     X, y = np.random.default_rng(1).standard_normal((7, 6)), np.arange(7) % 4
     spec = [{"layer": "affine", "units": 5}, "layernorm", "relu", {"layer": "affine", "units": 4}]
