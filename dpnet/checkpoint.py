@@ -2,8 +2,10 @@
 
 Arrays are stored under `param/<name>`, `best/<name>`, `norm/<i>/<key>` (normalization state such as running
 statistics), `best_norm/<i>/<key>` (the normalization state that went with the best parameters),
-`optim/<name>/<key>` (update-rule state) and `epoch_order`; everything else (counters, histories, scalars of the rule
-configs, the seed, the run's configuration) is one JSON document under `meta`.
+`optim/<name>/<key>` (update-rule state), `epoch_order` and `mean_image` (the float64 image subtracted from the
+training images, when they carry one); everything else (counters, histories, scalars of the rule configs, the seed,
+the run's configuration, and what dpnet.loading needs to rebuild the model: its architecture and the plugins
+providing its layers) is one JSON document under `meta`.
 Floats round-trip exactly through JSON, and the Solver derives its random streams from (seed, epoch), so a run
 resumed from a checkpoint taken at an epoch boundary continues bit for bit.
 """
@@ -11,7 +13,6 @@ resumed from a checkpoint taken at an epoch boundary continues bit for bit.
 import json
 import os
 import secrets
-import zipfile
 
 import numpy as np
 
@@ -50,6 +51,10 @@ def solver_state(solver, config=None):
         arrays.update({f"optim/{name}/{key}": value for key, value in cfg_arrays.items()})
     if solver.epoch_order is not None:
         arrays["epoch_order"] = solver.epoch_order
+    mean_image = getattr(getattr(solver, "X_train", None), "mean_image", None)  # an ImageArray's (dpnet.data)
+    if mean_image is not None:
+        arrays["mean_image"] = np.asarray(mean_image, dtype=np.float64)
+    from .loading import model_record  # (lazily: dpnet.loading imports this module)
     meta = dict(
         format_version=FORMAT_VERSION,
         model=type(model).__name__,
@@ -61,7 +66,7 @@ def solver_state(solver, config=None):
         val_acc_history=[float(v) for v in solver.val_acc_history],
         optim_scalars=optim_scalars, seed=solver.seed, num_processes=solver.comm.size,
         batch_size=solver.batch_size, num_epochs=solver.num_epochs,
-        config=config or {},
+        config=config or {}, **model_record(model, config),
     )
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
@@ -89,11 +94,12 @@ def save_checkpoint(path, solver, config=None):
     return path
 
 
-def _new_temporary_file(folder):
-    """(fd, path) of a new file in folder, open for writing, with the permissions open() would give it (0666 less the
-    umask: tempfile.mkstemp's 0600 would leave every checkpoint readable by its writer alone)."""
+def _new_temporary_file(folder, suffix=".npz"):
+    """(fd, path) of a new file `.tmp-<pid>-<random><suffix>` in folder, open for writing, with the permissions open()
+    would give it (0666 less the umask: tempfile.mkstemp's 0600 would leave every checkpoint readable by its writer
+    alone). A killed writer's temporaries are found by that name (dpnet.run_outputs.remove_stale_temporaries)."""
     for _ in range(100):
-        path = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(6)}.npz")
+        path = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(6)}{suffix}")
         try:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
         except FileExistsError:
@@ -102,51 +108,33 @@ def _new_temporary_file(folder):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint into (arrays, meta) without unpickling anything; errors name the file."""
-    if os.path.exists(path) and not zipfile.is_zipfile(path):  # np.load would call any other file pickled data
-        raise CheckpointError(f"checkpoint {path} is not a readable dpnet checkpoint: not an .npz archive, or a "
-                              "truncated one")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-        meta = json.loads(str(arrays.pop("meta")))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable dpnet checkpoint: {exc}") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')!r}, "
-                              f"this dpnet reads version {FORMAT_VERSION}")
+    """Read a checkpoint into (arrays, meta) without unpickling anything and without a read beyond what its members
+    declare (dpnet.checkpoint_reader checks the archive, each header and the meta fields); errors name the file."""
+    from .checkpoint_reader import _meta_from, open_archive, read_member
+
+    archive, members = open_archive(path)
+    with archive:
+        meta = _meta_from(archive, members, path)
+        arrays = {key: read_member(archive, member, path, key) for key, member in members.items()
+                  if key != "meta" and member.filename.endswith(".npy")}
     return arrays, meta
-
-
-def _check_matches(path, model, arrays, meta):
-    problems = []
-    saved = {key[len("param/"):]: arrays[key] for key in arrays if key.startswith("param/")}
-    for name in sorted(set(saved) - set(model.params)):
-        problems.append(f"{name} is in the checkpoint but not in the model")
-    for name in sorted(set(model.params) - set(saved)):
-        problems.append(f"{name} is in the model but not in the checkpoint")
-    for name in sorted(set(saved) & set(model.params)):
-        ours, theirs = model.params[name], saved[name]
-        if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
-            problems.append(f"{name} is {theirs.dtype}{list(theirs.shape)} in the checkpoint but "
-                            f"{ours.dtype}{list(ours.shape)} in the model")
-    if meta.get("model") != type(model).__name__:
-        problems.append(f"the checkpoint is of a {meta.get('model')}, the model is a {type(model).__name__}")
-    if problems:
-        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
 
 
 def restore_checkpoint(solver, path):
     """Load the checkpoint at `path` into `solver` (and its model), so that train() continues the saved run.
 
-    Raises CheckpointError, saying what differs, when the checkpoint does not match the model. Returns the saved
+    Raises CheckpointError, saying what differs, when the checkpoint does not match the model, the update rule or the
+    data, or holds anything out of place (dpnet.checkpoint_reader.checked_arrays): every array and field is checked
+    before anything is restored, and no member is read beyond the size the model gives it. Returns the saved
     configuration dict (what save_checkpoint was given as `config`).
     """
-    arrays, meta = load_checkpoint(path)
+    from .checkpoint_reader import _meta_from, checked_arrays, open_archive
+
+    archive, members = open_archive(path)
+    with archive:
+        meta = _meta_from(archive, members, path)
+        arrays = checked_arrays(archive, members, path, solver, meta)
     model = solver.model
-    _check_matches(path, model, arrays, meta)
     for name in model.params:
         model.params[name] = arrays[f"param/{name}"].copy()
     keep = solver.comm.rank == 0  # only rank 0 keeps the best parameters (see Solver.use_params)

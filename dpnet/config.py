@@ -66,6 +66,8 @@ DEFAULTS = dict(
     blas_threads=None,
     shard_optimizer=True,
     shared_memory=True,
+    timeout=None,
+    force_blas_threads=False,
 )
 
 LAYERS_GRAMMAR = "NAME[:KEY=VALUE...][,NAME[:KEY=VALUE...]...]"
@@ -117,7 +119,8 @@ FLAGS = {
     "dtype": ("str", "floating-point type of the parameters and computations: float32 or float64"),
     "seed": ("int", "seed of the initialization, the minibatch order and the dropout masks"),
     "logdir": ("path", "folder of the TensorBoard events, configuration and plot (default: "
-                       "runs/<timestamp>-<short config>, with --resume the resumed run's)"),
+                       "runs/<timestamp>-<short config>; with --resume the folder of the checkpoint resumed). A "
+                       "folder holding another run's checkpoints or events is refused"),
     "checkpoint_dir": ("path", "folder of last.npz and best.npz (default: the logdir)"),
     "checkpoint_every": ("int", "write last.npz every this many epochs (always at the end; 0: only then)"),
     "resume": ("path", "continue the run saved in this checkpoint, e.g. runs/<run>/last.npz (default: a new run)"),
@@ -125,16 +128,26 @@ FLAGS = {
     "blas_threads": ("int", "BLAS threads per process (default: $DPNET_BLAS_THREADS, else the cores divided among "
                             "the processes on this machine)"),
     "shard_optimizer": ("bool", "with several processes, each keeps the update rule's state of its block of the "
-                                "parameters only, when the rule is elementwise, as the built-in ones are (the same "
-                                "results, less memory)"),
+                                "parameters only, when the rule is elementwise, as the built-in ones are (less "
+                                "memory; the update's arithmetic is unchanged: results differ only as the gradients' "
+                                "sums do, see --shared-memory)"),
     "shared_memory": ("bool", "with every process on one machine, sum the gradients in shared memory (/dev/shm) "
                               "instead of copying them through MPI, and with --shard-optimizer keep one copy of the "
-                              "parameters there (faster, less memory; the sums are added in another order, so the "
-                              "results agree to rounding: closely in float64, while float32 runs may drift apart)"),
+                              "parameters there (faster, less memory). The sums are added in another order than "
+                              "MPI's or one process's, so results are not bit for bit the same: in float64 they agree "
+                              "to rounding, while float32 runs follow visibly different trajectories and end at "
+                              "different accuracies"),
+    "timeout": ("float", "with several processes, end the whole job (exit code 124) when one process has waited more "
+                         "than this many seconds in a collective for another, naming the late process (a stopped or "
+                         "hung one); longer than any step, evaluation or checkpoint write (default: no timeout)"),
+    "force_blas_threads": ("bool", "accept more BLAS threads (--blas-threads, $DPNET_BLAS_THREADS, ...) than the "
+                                   "cores this process may use"),
 }
 # What a resumed run may change; everything else shapes the model, the data or the optimization and must match.
 RESUME_MAY_CHANGE = {"data_dir", "download", "epochs", "logdir", "checkpoint_dir", "checkpoint_every", "resume",
-                     "quiet", "blas_threads", "shard_optimizer", "shared_memory"}
+                     "quiet", "blas_threads", "shard_optimizer", "shared_memory", "timeout", "force_blas_threads"}
+# Where a run writes, and whether it downloads: from this invocation only, never from the checkpoint it resumes.
+NOT_FROM_CHECKPOINT = ("logdir", "checkpoint_dir", "download", "resume")
 # The FullyConnectedNet's architecture, which `layers` and `model` replace.
 FC_KEYS = ("hidden_dims", "activation", "normalization", "dropout", "weight_scale")
 # Keys whose value is a table, merged key by key across the sources.
@@ -144,7 +157,7 @@ MODEL_RUN_KEYS = {"input_dim": None, "loss": "loss", "reg": "reg", "label_smooth
                   "dtype": "dtype", "seed": "seed"}
 # Where the run is, not what it is: left out of config.toml and of the hyper-parameters.
 LOCATION_KEYS = ("data_dir", "download", "logdir", "checkpoint_dir", "resume", "quiet", "blas_threads",
-                  "shard_optimizer", "shared_memory")
+                  "shard_optimizer", "shared_memory", "timeout", "force_blas_threads")
 DTYPES = ("float32", "float64")
 SCHEDULES = ("exponential", "step", "cosine")
 NUM_VALIDATION = 1000
@@ -153,6 +166,12 @@ NUM_TRAIN_MAX = 50000 - NUM_VALIDATION
 
 class UsageError(Exception):
     """Bad input: the run ends with this message and exit code 2 before training starts."""
+
+
+def did_you_mean(value, choices):
+    """"; did you mean 'x'?" naming the choices close to `value` (as the registry's errors do), else ""."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
 def flag(key):
@@ -331,6 +350,14 @@ class _Parser(argparse.ArgumentParser):
         if self.rank == 0:
             super()._print_message(message, file)
 
+    def _check_value(self, action, value):
+        """argparse's check of a choice, with "did you mean" added to its message."""
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {choices})"
+                                                 f"{did_you_mean(value, action.choices)}")
+        super()._check_value(action, value)
+
 
 def shown(value):
     """A configuration value as the command line spells it (lists of layers in the compact form, tables as
@@ -373,7 +400,7 @@ class _KeyValueArgument(argparse.Action):
 
 
 _METAVARS = {"dtype": "{float32,float64}", "resume": "CHECKPOINT", "dropout": "P", "lr_decay": "FACTOR",
-             "weight_scale": "STD", "reg": "STRENGTH", "config": "FILE"}
+             "weight_scale": "STD", "reg": "STRENGTH", "config": "FILE", "timeout": "SECONDS"}
 
 
 def build_parser(rank=0):
@@ -429,16 +456,25 @@ def _typed(key, value, source):
     return float(value) if kind == "float" else value
 
 
+TOML_LIMIT = 1 << 20  # bytes of a --config file (a configuration is a few hundred)
+
+
 def load_toml(path):
-    """The configuration in a TOML file as {key: value}; UsageError for a missing or malformed file, unknown keys or
-    values of the wrong type."""
+    """The configuration in a TOML file as {key: value}; UsageError for a missing, malformed, non-UTF-8 or larger
+    than TOML_LIMIT file (nothing beyond that is read), unknown keys or values of the wrong type."""
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except OSError as exc:
-        raise UsageError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path} is not valid TOML: {exc}") from None
+            data = f.read(TOML_LIMIT + 1)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read the config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(data) > TOML_LIMIT:
+        raise UsageError(f"the config file {path} is larger than {TOML_LIMIT >> 20} MiB: not a configuration")
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text (byte {exc.start + 1}); TOML files are UTF-8") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise UsageError(f"{path} is not valid TOML: {exc or 'nested too deeply'}") from None
     config = {}
     unknown = []
     for name, value in raw.items():
@@ -469,13 +505,7 @@ def resolve_config(given):
     saved, meta = {}, None
     resume = explicit.get("resume")
     if resume:
-        from .checkpoint import CheckpointError, load_checkpoint
-
-        try:
-            _, meta = load_checkpoint(resume)
-        except CheckpointError as exc:
-            raise UsageError(str(exc)) from None
-        saved = {k: v for k, v in meta.get("config", {}).items() if k in FLAGS}
+        saved, meta = _saved_config(resume, explicit)
         for key in TABLE_KEYS:
             if key in explicit and isinstance(saved.get(key), dict):
                 explicit[key] = {**saved[key], **explicit[key]}
@@ -490,6 +520,25 @@ def resolve_config(given):
     if config["layers"] is not None or config["model"] is not None:
         config.update(dict.fromkeys(FC_KEYS))  # not this run's architecture
     return config, meta
+
+
+def _saved_config(resume, explicit):
+    """(the configuration saved in the checkpoint `resume`, checked like a TOML file's; its meta), reading nothing but
+    its meta. Where the run writes (NOT_FROM_CHECKPOINT) is left out: it comes from this invocation."""
+    from .checkpoint import CheckpointError
+    from .checkpoint_reader import read_meta
+
+    try:
+        meta = read_meta(resume)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    source = f"the configuration saved in {resume}"
+    saved = {key: None if value is None and (key in FC_KEYS or DEFAULTS[key] is None) else _typed(key, value, source)
+             for key, value in meta["config"].items() if key in FLAGS and key not in NOT_FROM_CHECKPOINT}
+    if explicit.get("download") and "data_dir" not in explicit and saved.get("data_dir") is not None:
+        raise UsageError(f"--download with --resume needs --data-dir: the data folder saved in {resume} is only read, "
+                         "never downloaded into")
+    return saved, meta
 
 
 def _check_one_architecture(from_file, given, path):
@@ -530,7 +579,10 @@ def check_config(config, num_processes):
     need(config["reg"] >= 0, "reg", ">= 0")
     need(config["lr"] > 0, "lr", "> 0")
     need(config["lr_decay"] > 0, "lr_decay", "> 0")
-    need(config["lr_schedule"] in SCHEDULES, "lr_schedule", f"one of {', '.join(SCHEDULES)}")
+    for key, choices in (("lr_schedule", SCHEDULES), ("dtype", DTYPES)):
+        if config[key] not in choices:
+            raise UsageError(f"{flag(key)} must be one of {', '.join(choices)}, got {shown(config[key])}"
+                             f"{did_you_mean(config[key], choices)}")
     need(all(m >= 1 for m in config["lr_milestones"]), "lr_milestones", "positive epoch numbers")
     need(config["warmup_epochs"] >= 0, "warmup_epochs", ">= 0")
     need(config["weight_decay"] >= 0, "weight_decay", ">= 0")
@@ -539,9 +591,11 @@ def check_config(config, num_processes):
     need(config["batch_size"] >= 1, "batch_size", "a positive integer")
     need(config["epochs"] >= 1, "epochs", "a positive integer")
     need(config["checkpoint_every"] >= 0, "checkpoint_every", ">= 0")
-    need(config["dtype"] in DTYPES, "dtype", f"one of {', '.join(DTYPES)}")
     need(config["seed"] >= 0, "seed", ">= 0")
     need(config["blas_threads"] is None or config["blas_threads"] >= 1, "blas_threads", "a positive integer")
+    from . import run_checks  # ranges the arithmetic needs; this machine's memory and cores
+
+    run_checks.check_ranges(config)
     smallest = min(config["batch_size"], config["num_train"])
     if smallest < num_processes:
         what = "--batch-size" if config["batch_size"] <= config["num_train"] else "--num-train"
@@ -554,9 +608,9 @@ def check_config(config, num_processes):
             if config[key] is None:  # not this run's architecture
                 continue
             if config[key] not in names and not (key == "normalization" and config[key] == "none"):
-                extra = ["none"] if key == "normalization" else []
-                raise UsageError(f"unknown {flag(key)} {config[key]!r}; the choices are: "
-                                 f"{', '.join(extra + list(names))} (`python -m dpnet.plugins` lists the providers)")
+                choices = (["none"] if key == "normalization" else []) + list(names)
+                raise UsageError(f"unknown {flag(key)} {config[key]!r}; the choices are: {', '.join(choices)} "
+                                 f"(`python -m dpnet.plugins` lists the providers){did_you_mean(config[key], choices)}")
         if config["layers"] is not None:
             _check_layer_names(config["layers"])
         if config["model"] is not None:
@@ -570,6 +624,10 @@ def check_config(config, num_processes):
         raise UsageError(f"a plugin is broken: {exc}") from None
     need(config["label_smoothing"] == 0 or config["loss"] == "softmax", "label_smoothing",
          "0 with a loss other than softmax")
+    from .parallel.environment import processes_on_this_node
+
+    run_checks.check_memory(config, processes_on_this_node())
+    run_checks.check_blas_threads(config)
 
 
 def _check_layer_names(spec):
@@ -638,7 +696,7 @@ def optim_options(rule_name, options):
         _, first = rule(w.copy(), dw, {})
         first = {key: value for key, value in first.items() if not isinstance(value, np.ndarray)}
         _, second = rule(w.copy(), dw, dict(first))
-    except Exception as exc:  # a plugin's rule: report it, do not crash
+    except (Exception, SystemExit) as exc:  # a plugin's rule: report it, do not crash (nor let it end the run)
         raise UsageError(f"cannot learn the hyper-parameters of the update rule {rule_name!r} (it failed on a "
                          f"2x3 array: {type(exc).__name__}: {exc})") from None
     defaults = {key: value for key, value in first.items()
@@ -684,12 +742,18 @@ def short_name(config):
 
 def _check_writable(path, what):
     """UsageError unless `path` is, or can be created as, a folder this process can write; nothing is created."""
+    from .run_checks import check_path
+
+    check_path(Path(path).expanduser().absolute(), what)
     path = Path(path).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"the {what} {path} cannot be created: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"the {what} {path} cannot be written: no write permission on {existing}")
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise UsageError(f"the {what} {path} cannot be created: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"the {what} {path} cannot be written: no write permission on {existing}")
+    except OSError as exc:
+        raise UsageError(f"the {what} {path} cannot be used: {exc.strerror or exc}") from None
     return str(path)
 
 
@@ -697,8 +761,12 @@ OUTPUT_DIRS = {"logdir": "log directory (--logdir)", "checkpoint_dir": "checkpoi
 
 
 def resolve_dirs(config):
-    """Resolve the log and checkpoint folders (rank 0) and check they can be written, creating nothing."""
+    """Resolve the log and checkpoint folders (rank 0) and check they can be written and hold no other run's
+    checkpoints (dpnet.run_outputs.check_output_folders), creating nothing. Without --logdir a resumed run continues
+    in the folder of the checkpoint it resumes, a new run in runs/<timestamp>-<short config>."""
     logdir = config["logdir"]
+    if logdir is None and config["resume"]:
+        logdir = Path(config["resume"]).expanduser().absolute().parent
     if logdir is None:
         base = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{short_name(config)}"
         logdir, n = base, 1
@@ -708,6 +776,9 @@ def resolve_dirs(config):
     config["logdir"] = _check_writable(logdir, OUTPUT_DIRS["logdir"])
     config["checkpoint_dir"] = _check_writable(config["checkpoint_dir"] or config["logdir"],
                                                OUTPUT_DIRS["checkpoint_dir"])
+    from .run_outputs import check_output_folders
+
+    check_output_folders(config)
 
 
 def _toml_value(value):

@@ -17,25 +17,36 @@ accuracy). Only rank 0 prints and writes.
 
 Configuration (dpnet.config): its DEFAULTS, then the configuration saved in the --resume checkpoint, then the --config
 TOML file (its keys are the flag names, with '-' or '_'), then the flags given. A resumed run continues the saved
-configuration; only the keys in RESUME_MAY_CHANGE may differ from it.
+configuration; only the keys in RESUME_MAY_CHANGE may differ from it. Where a run writes comes from this invocation
+only: without --logdir a resumed run continues in the folder of the checkpoint it resumes.
 
-Exit codes: 0 done; 2 bad input (nothing was trained); 3 the loss or the parameters became NaN or inf (the last good
-checkpoint is kept); 130 interrupted (Ctrl-C).
+Exit codes (docs/bad-input.md has every case): 0 done; 2 bad input (nothing was trained); 3 the loss or the
+parameters became NaN or inf (the last good checkpoint is kept); 4 done, but an output (events, checkpoint, plot,
+config.toml) could not be written, as reported; 124 a process was late in a collective (--timeout); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM).
 """
 
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .config import (LOCATION_KEYS, MODEL_RUN_KEYS, OUTPUT_DIRS, NUM_VALIDATION, UsageError, shown, build_parser,
-                     check_config, model_keywords, resolve_config, resolve_dirs, to_toml)
-from .config import DEFAULTS, flag, load_toml  # noqa: F401 (re-exported: tests and benchmarks use them from here)
+from .config import (MODEL_RUN_KEYS, OUTPUT_DIRS, NUM_VALIDATION, UsageError, shown, build_parser, check_config,
+                     model_keywords, resolve_config, resolve_dirs, to_toml)
+from .config import DEFAULTS, LOCATION_KEYS, flag, load_toml  # noqa: F401 (re-exported: tests, benchmarks use them)
+from .parallel.watchdog import EXIT_TIMEOUT  # noqa: F401 (an exit code of the command)
 
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OUTPUT_FAILED, EXIT_INTERRUPTED = 2, 3, 4, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # (and EXIT_TIMEOUT, 124: a late process, dpnet.parallel.watchdog)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a single process: handled as Ctrl-C is (the run says how to resume), with exit code 143."""
 
 
 # ----------------------------------------------------------------------------------------------- collective checks
@@ -104,7 +115,14 @@ INPUT_SHAPE = (3, 32, 32)
 def build_model(config):
     """The configuration's network: the plugin model `model` (its factory called with `model_options` and the run's
     values of the MODEL_RUN_KEYS it takes), a dpnet.models.Sequential of `layers`, or else the FullyConnectedNet of
-    the FC_KEYS. UsageError when it cannot be built."""
+    the FC_KEYS. UsageError when it cannot be built (also for want of memory, or a plugin's failure)."""
+    try:
+        return _build_model(config)
+    except MemoryError as exc:
+        raise UsageError(f"not enough memory to build the network ({exc})") from None
+
+
+def _build_model(config):
     if config["model"] is not None:
         return _build_plugin_model(config)
     if config["layers"] is not None:
@@ -116,6 +134,11 @@ def build_model(config):
                               label_smoothing=config["label_smoothing"])
         except ValueError as exc:
             raise UsageError(f"--layers {shown(config['layers'])}: {exc}") from None
+        except (Exception, SystemExit) as exc:  # a plugin layer's init: report it, do not crash
+            if isinstance(exc, MemoryError):
+                raise
+            raise UsageError(f"--layers {shown(config['layers'])}: a layer failed to initialize: "
+                             f"{type(exc).__name__}: {exc}") from None
     from .classifiers.fc_net import FullyConnectedNet
 
     norm = None if config["normalization"] == "none" else config["normalization"]
@@ -139,9 +162,12 @@ def _build_plugin_model(config):
         given = {key: run[key] for key in MODEL_RUN_KEYS if any_keyword or key in names}
     try:
         model = factory(**given, **config["model_options"])
-    except (TypeError, ValueError) as exc:
+    except (Exception, SystemExit) as exc:  # the plugin's code: whatever it raises is its failure, not a crash
+        if isinstance(exc, MemoryError):
+            raise
         options = f" with {shown(config['model_options'])}" if config["model_options"] else ""
-        raise UsageError(f"cannot build the model {name!r}{options}: {exc}") from None
+        text = str(exc) if isinstance(exc, (TypeError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        raise UsageError(f"cannot build the model {name!r}{options}: {text}") from None
     params = getattr(model, "params", None)
     if not isinstance(params, dict) or not params or not callable(getattr(model, "loss", None)):
         raise UsageError(f"the factory of the model {name!r} returned a {type(model).__name__}, not a model (an "
@@ -164,13 +190,6 @@ def make_lr_schedule(config):
                          milestones=[m * per_epoch for m in config["lr_milestones"]], iterations_per_epoch=per_epoch)
 
 
-def hyperparameters(config, num_processes):
-    hp = {k: (shown(v) if isinstance(v, (list, dict)) or v is None else v)
-          for k, v in config.items() if k not in LOCATION_KEYS}
-    hp["processes"] = num_processes
-    return hp
-
-
 # ----------------------------------------------------------------------------------------------- the run
 def _stop_diverged(comm, solver, exc, last):
     message = str(exc)
@@ -189,35 +208,6 @@ def _stop_diverged(comm, solver, exc, last):
     comm.abort(EXIT_DIVERGED)
 
 
-def _final_report(comm, solver, config, test_acc, final_acc, tensorboard, seconds):
-    from .monitor import save_curves
-
-    iteration = solver.iteration
-    metrics = {"hparam/test_accuracy": float(test_acc), "hparam/final_test_accuracy": float(final_acc),
-               "hparam/best_val_accuracy": float(solver.best_val_acc)}
-    if solver.loss_history:
-        metrics["hparam/final_loss"] = float(solver.loss_history[-1])
-    tensorboard.write_hparams(hyperparameters(config, comm.size), metrics, iteration)
-    plot = os.path.join(config["logdir"], "curves.png")
-    try:
-        save_curves(plot, solver.loss_history, solver.train_acc_history, solver.val_acc_history)
-    except ImportError:
-        plot = None
-        print("dpnet-train: no plot: matplotlib is not installed (pip install 'dpnet[plot]' to get curves.png)",
-              flush=True)
-    minutes, secs = divmod(seconds, 60)
-    print(f"test accuracy {test_acc:.4f} (best validation accuracy {solver.best_val_acc:.4f}; final parameters "
-          f"{final_acc:.4f}; {solver.epoch} "
-          f"epoch{'s' * (solver.epoch != 1)}, {int(minutes)}m{secs:04.1f}s on {comm.size} "
-          f"process{'es' * (comm.size > 1)})", flush=True)
-    if not config["quiet"]:
-        ckdir = config["checkpoint_dir"]
-        print(f"logs: {config['logdir']}" + (f"  plot: {plot}" if plot else ""))
-        print(f"checkpoints: {os.path.join(ckdir, 'last.npz')} (last state), {os.path.join(ckdir, 'best.npz')} "
-              f"(best validation accuracy)")
-        print(f"view: tensorboard --logdir {config['logdir']}", flush=True)
-
-
 def make_dir(path, what):
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -227,14 +217,29 @@ def make_dir(path, what):
         raise UsageError(f"the {what} {path} cannot be written: {exc.strerror or exc}") from None
 
 
+def prepare_folders(config):
+    """Rank 0, once the input is known to be good: create the log and checkpoint folders and remove the temporary
+    files a killed run left there."""
+    from .run_outputs import remove_stale_temporaries
+
+    for key, what in OUTPUT_DIRS.items():
+        make_dir(config[key], what)
+    for folder in dict.fromkeys((config["logdir"], config["checkpoint_dir"])):
+        removed = remove_stale_temporaries(folder)
+        if removed and not config["quiet"]:
+            size = sum(nbytes for _, nbytes in removed) / 2 ** 20
+            print(f"dpnet-train: removed {len(removed)} temporary file{'s' * (len(removed) > 1)} ({size:.1f} MB) "
+                  f"that a killed run left in {folder}: {', '.join(name for name, _ in removed)}", flush=True)
+
+
 def setup(comm, argv):
     """Everything before training, checked on every process: (config, the resumed checkpoint's meta or None, data,
-    model). Bad input ends all processes with exit code 2 (see agree)."""
+    model). Bad input ends all processes with exit code 2 (see agree). Nothing is created yet."""
     given = vars(build_parser(comm.rank).parse_args(argv))
 
     def configure():
         config, meta = resolve_config(given)
-        check_config(config, comm.size)
+        check_config(config, comm.size)  # also the BLAS threads asked for (dpnet.run_checks)
         if comm.rank == 0:
             resolve_dirs(config)
         return config, meta
@@ -247,14 +252,12 @@ def setup(comm, argv):
     folder = agree(comm, lambda: locate_data(config, comm.rank, True) if comm.rank else folder)
     data = agree(comm, lambda: load_data(folder, config))
     model = agree(comm, lambda: build_model(config))
-    # The folders are created only now that the input is known to be good.
-    agree(comm, lambda: [make_dir(config[key], what) for key, what in OUTPUT_DIRS.items()] if comm.rank == 0 else None)
     return config, meta, data, model
 
 
-def make_solver(comm, config, meta, data, model):
+def make_solver(comm, config, meta, data, model, outputs):
     """The Solver with its monitors (rank 0), restored from config['resume'] if given: (solver, tensorboard monitor,
-    checkpoint monitor); the monitors are None on other ranks."""
+    checkpoint monitor), both guarded by `outputs` (dpnet.run_outputs.Outputs); None on other ranks."""
     from .checkpoint import CheckpointError, restore_checkpoint
     from .augment import Augmentation
     from .monitor import CheckpointMonitor, ProgressMonitor, TensorBoardMonitor
@@ -264,9 +267,11 @@ def make_solver(comm, config, meta, data, model):
 
     monitors, tensorboard, checkpoints = [], None, None
     if comm.rank == 0:
-        saved = {k: v for k, v in config.items() if k not in ("resume", "blas_threads")}  # what a resume reuses
-        checkpoints = CheckpointMonitor(config["checkpoint_dir"], config["checkpoint_every"], saved)
-        tensorboard = TensorBoardMonitor(config["logdir"], "```toml\n" + to_toml(config) + "```")
+        per_run = ("resume", "blas_threads", "force_blas_threads", "timeout")
+        saved = {k: v for k, v in config.items() if k not in per_run}  # what a resume reuses
+        checkpoints = outputs.checkpoints(CheckpointMonitor(config["checkpoint_dir"], config["checkpoint_every"],
+                                                            saved))
+        tensorboard = outputs.tensorboard(TensorBoardMonitor(config["logdir"], "```toml\n" + to_toml(config) + "```"))
         # TensorBoard before the checkpoints: the events of a checkpointed epoch are on disk.
         monitors = [ProgressMonitor(quiet=config["quiet"]), tensorboard, checkpoints]
     shard = config["shard_optimizer"] and is_shardable(get_update_rule(config["update_rule"]))
@@ -291,62 +296,73 @@ def make_solver(comm, config, meta, data, model):
     return solver, tensorboard, checkpoints
 
 
-def _network(config, model):
-    count = sum(int(np.size(value)) for value in model.params.values())
-    if config["model"] is not None:
-        options = f" {shown(config['model_options'])}" if config["model_options"] else ""
-        return f"model {config['model']}{options} ({type(model).__name__}, {count} parameters, {config['dtype']})"
-    if config["layers"] is not None:
-        return f"Sequential {shown(config['layers'])} ({count} parameters, {config['dtype']})"
-    dims = "-".join(map(str, [model.input_dim, *config["hidden_dims"], model.num_classes]))
-    return (f"FullyConnectedNet {dims} ({config['normalization']}, {config['activation']}, dropout keep "
-            f"{config['dropout']:g}, {config['dtype']})")
+def _resume_hint(config, checkpoints):
+    """"; resume with: ..." naming the last checkpoint (and the log folder, when it is elsewhere), or ""."""
+    last = checkpoints.last_path if checkpoints is not None else None
+    if not last or not os.path.exists(last):
+        return ""
+    logdir = f" --logdir {config['logdir']}" if config["logdir"] != config["checkpoint_dir"] else ""
+    return f"; resume with: python -m dpnet.train --resume {last}{logdir}"
 
 
-def _describe(comm, config, meta, solver):
-    threads = config["blas_threads"]
-    optim = f" {shown(config['optim'])}" if config["optim"] else ""
-    lines = [f"dpnet-train: {_network(config, solver.model)}; {config['update_rule']} lr {config['lr']:g}{optim} "
-             f"decay {config['lr_decay']:g}; {config['epochs']} epochs of {config['num_train']} images in batches of "
-             f"{config['batch_size']}; {comm.size} process{'es' * (comm.size > 1)} x {threads} BLAS "
-             f"thread{'s' * (threads > 1)}"]
-    if comm.size > 1:
-        lines.append("dpnet-train: update-rule state sharded over the processes" if solver.shard_optimizer else
-                     "dpnet-train: update-rule state replicated on every process"
-                     + (f" (the rule {config['update_rule']!r} does not declare itself elementwise)"
-                        if config["shard_optimizer"] else ""))
-    if meta is not None:
-        lines.append(f"dpnet-train: resuming {config['resume']} at epoch {solver.epoch} (iteration "
-                     f"{solver.iteration})")
-        if meta.get("num_processes", comm.size) != comm.size:
-            lines.append(f"dpnet-train: note: the checkpoint was written by {meta['num_processes']} processes; with "
-                         f"{comm.size} the run continues, but not bit for bit as it would have")
-    lines.append(f"dpnet-train: logs in {config['logdir']}")
-    return "\n".join(lines)
+def _watchdog(comm, timeout):
+    """Collective: the collective watchdog of --timeout (dpnet.parallel.watchdog), or None."""
+    from .parallel.watchdog import start_watchdog
+
+    try:
+        return start_watchdog(comm, timeout, prefix="dpnet-train: error")
+    except RuntimeError as exc:
+        raise UsageError(f"--timeout {timeout:g}: {exc}") from None
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def run(argv=None):
-    """The whole command; returns the exit code (bad input raises SystemExit(2))."""
+    """The whole command; returns the exit code (bad input raises SystemExit(2)). In one process SIGTERM is handled as
+    Ctrl-C is, with its own exit code."""
     from .parallel import get_communicator
 
     comm = get_communicator()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if comm.size == 1 and main_thread else None
+    try:
+        return _run(comm, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(comm, argv):
+    from .parallel.failures import set_abort_note
+    from .run_outputs import Outputs, describe, final_report, write_atomically
+
     config, meta, data, model = setup(comm, argv)
-    solver, tensorboard, checkpoints = make_solver(comm, config, meta, data, model)
+    watchdog = agree(comm, lambda: _watchdog(comm, config["timeout"]))
+    outputs = Outputs()
+    solver, tensorboard, checkpoints = make_solver(comm, config, meta, data, model, outputs)
+    # The folders are created only now that the input, the resumed checkpoint included, is known to be good.
+    agree(comm, lambda: prepare_folders(config) if comm.rank == 0 else None)
+    if comm.size > 1:  # SIGINT and SIGTERM end the job (dpnet.parallel.failures): say how to resume
+        set_abort_note(lambda: _resume_hint(config, checkpoints) if comm.rank == 0 else "")
     if comm.rank == 0:
-        Path(config["logdir"], "config.toml").write_text(to_toml(config))
+        toml = os.path.join(config["logdir"], "config.toml")
+        text = to_toml(config).encode()
+        outputs.attempt(toml, "the run goes on without it", write_atomically, toml, lambda f: f.write(text))
         if not config["quiet"]:
-            print(_describe(comm, config, meta, solver), flush=True)
+            print(describe(comm, config, meta, solver), flush=True)
     start = time.perf_counter()
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # divergence is detected and reported
             solver.train()
     except FloatingPointError as exc:
         return _stop_diverged(comm, solver, exc, checkpoints and checkpoints.last_path)
-    except KeyboardInterrupt:
-        last = checkpoints.last_path if checkpoints and os.path.exists(checkpoints.last_path) else None
-        hint = f"; resume with: python -m dpnet.train --resume {last}" if last else ""
-        print(f"\ndpnet-train: interrupted at iteration {solver.iteration}{hint}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\ndpnet-train: {what} at iteration {solver.iteration}{_resume_hint(config, checkpoints)}",
+              file=sys.stderr, flush=True)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     finally:
         if tensorboard is not None:
             tensorboard.flush()
@@ -354,12 +370,15 @@ def run(argv=None):
     solver.use_params("final")
     final_acc = solver.check_accuracy(data["X_test"], data["y_test"])
     solver.use_params("best")
+    if watchdog is not None:
+        watchdog.stop()
     if comm.rank == 0:
         try:
-            _final_report(comm, solver, config, test_acc, final_acc, tensorboard, time.perf_counter() - start)
+            final_report(comm, solver, config, (test_acc, final_acc), tensorboard, outputs,
+                         time.perf_counter() - start)
         finally:
             tensorboard.close()
-    return 0
+    return EXIT_OUTPUT_FAILED if outputs.failed else 0
 
 
 def main(argv=None):
@@ -367,6 +386,9 @@ def main(argv=None):
     SystemExit(2))."""
     try:
         return run(argv)
+    except Terminated:
+        print("\ndpnet-train: terminated (SIGTERM)", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("\ndpnet-train: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

@@ -8,7 +8,6 @@ when $CI is set.
 import os
 import re
 import signal
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -20,6 +19,7 @@ from dpnet import train
 from dpnet.parallel import environment
 from dpnet.checkpoint import load_checkpoint
 from dpnet.monitor import read_events, read_scalars
+from processes import run_in_group
 
 REPO = Path(__file__).resolve().parents[1]
 _LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "SLURM_", "HYDRA_")
@@ -75,21 +75,13 @@ def _env(cache, **extra):
 def cli(*args, cwd, cache, mpiexec=None, n=None, script=None, timeout=180, **env):
     """Run `python -m dpnet.train args` (or `python -c script args`), under `mpiexec -n n` if n is given.
 
-    A run still going after `timeout` seconds is killed with its whole process group (no orphaned ranks) and fails.
+    A run still going after `timeout` seconds is killed with its whole process group (no orphaned ranks) and fails;
+    so is whatever is left of the group when the test is interrupted (tests/support/processes.py).
     """
     command = [sys.executable, *(["-c", script] if script else ["-m", "dpnet.train"]), *map(str, args)]
     if n is not None:
         command = [mpiexec, "-n", str(n), *command]
-    proc = subprocess.Popen(command, cwd=cwd, env=_env(cache, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{' '.join(command)} still running after {timeout} s; killed it.\n{stdout}\n{stderr}",
-                    pytrace=False)
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    return run_in_group(command, timeout, cwd=cwd, env=_env(cache, **env))
 
 
 def printed_accuracy(result):
@@ -218,7 +210,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_run(serial, cifar10_dir, d
     last = tmp_path / "ck" / "last.npz"
     assert checkpoint(last)[1]["epoch"] == 2  # killed in the middle of epoch 3
 
-    resumed = run_ok("--resume", last, "--quiet", cwd=tmp_path, cache=dpnet_cache_dir)
+    resumed = run_ok("--resume", last, "--quiet", "--logdir", tmp_path / "logs", "--checkpoint-dir", tmp_path / "ck",
+                     cwd=tmp_path, cache=dpnet_cache_dir)
     assert_same_state(serial.ckdir / "last.npz", last)  # last state, and best/ = the parameters train() ends with
     assert printed_accuracy(resumed) == printed_accuracy(serial.result)
     # TensorBoard shows one curve: the killed run's events after its checkpoint are purged.

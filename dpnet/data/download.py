@@ -1,10 +1,12 @@
 """Download the CIFAR-10 python archive, verify its MD5 and extract it safely; nothing else.
 
 ``download_CIFAR10(dest_dir)`` fetches the archive (from the ``url`` argument, else ``$DPNET_CIFAR10_URL``, else the
-official URL) into a temporary file in dest_dir, checks its MD5 (``ChecksumError``), checks that every member is a
-plain file or folder inside ``cifar-10-batches-py/`` (``ArchiveError``), and extracts it into a temporary folder there
-that is renamed into place only once it holds every batch. Network failures raise ``DownloadError``, whose text says
-how to get the data by hand. Nothing partial is left behind, and processes downloading into one folder take turns.
+official URL) into a temporary file in dest_dir, reading no more than ``max_bytes`` (DOWNLOAD_LIMIT, a little more
+than the official archive's size), checks its MD5 (``ChecksumError``), checks that every member is a plain file or
+folder inside ``cifar-10-batches-py/`` and that they add up to at most EXTRACT_LIMIT bytes (``ArchiveError``), and
+extracts it into a temporary folder there that is renamed into place only once it holds every batch. Network
+failures raise ``DownloadError``, whose text says how to get the data by hand. Nothing partial is left behind, and
+processes downloading into one folder take turns.
 
 This module is imported only when needed (by ``locate.locate_CIFAR10`` when it must download, by ``dpnet.data_utils``
 on first access to one of its names), so the HTTP, URL and tar modules stay out of every process that finds the data.
@@ -27,6 +29,8 @@ from .lock import dir_lock
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 URL_ENV = "DPNET_CIFAR10_URL"
+DOWNLOAD_LIMIT = 200 << 20  # bytes a download may bring, whatever the server says (the official archive: 170498071)
+EXTRACT_LIMIT = 400 << 20  # bytes the archive's members may add up to (the official ones: 186 MB)
 
 
 class ChecksumError(ValueError):
@@ -41,7 +45,7 @@ class DownloadError(OSError):
     """The archive could not be downloaded (network error, HTTP error, interrupted transfer)."""
 
 
-def download_CIFAR10(dest_dir, url=None, md5=None, progress=None):
+def download_CIFAR10(dest_dir, url=None, md5=None, progress=None, max_bytes=DOWNLOAD_LIMIT):
     """Download the CIFAR-10 python archive, verify its MD5 and extract it as dest_dir/cifar-10-batches-py.
 
     The archive goes to a temporary file in dest_dir and the batches to a temporary folder there; only a verified,
@@ -49,9 +53,11 @@ def download_CIFAR10(dest_dir, url=None, md5=None, progress=None):
     download into the same dest_dir at once take turns; the later ones find the data and download nothing.
     Inputs: dest_dir: the folder to extract into (created if missing); url: the archive's URL (None:
     $DPNET_CIFAR10_URL, else CIFAR10_URL); md5: its expected MD5 hex digest (None: CIFAR10_MD5, the official
-    archive's); progress: show a progress bar (None: only when stderr is a terminal).
+    archive's); progress: show a progress bar (None: only when stderr is a terminal); max_bytes: the most the
+    download may bring (a server announcing more is refused before the transfer, one sending more is cut off).
     Returns the Path of dest_dir/cifar-10-batches-py.
-    Raises DownloadError (network), ChecksumError (MD5 mismatch) or ArchiveError (corrupt or unsafe archive).
+    Raises DownloadError (network, or more than max_bytes), ChecksumError (MD5 mismatch) or ArchiveError (corrupt or
+    unsafe archive).
     """
     dest_dir = Path(dest_dir).expanduser()
     url = url or os.environ.get(URL_ENV) or CIFAR10_URL
@@ -61,7 +67,7 @@ def download_CIFAR10(dest_dir, url=None, md5=None, progress=None):
     with dir_lock(dest_dir):
         if not missing_files(target):
             return target
-        archive = _fetch(url, dest_dir, md5, progress)
+        archive = _fetch(url, dest_dir, md5, progress, max_bytes)
         try:
             _extract(archive, dest_dir)
         finally:
@@ -69,13 +75,13 @@ def download_CIFAR10(dest_dir, url=None, md5=None, progress=None):
     return target
 
 
-def _fetch(url, dest_dir, md5, progress):
+def _fetch(url, dest_dir, md5, progress, max_bytes):
     """Download url into a temporary file in dest_dir and check its MD5; returns the file's Path."""
     fd, tmp = tempfile.mkstemp(prefix=".cifar-10-python.", suffix=".tar.gz.part", dir=dest_dir)
     ok = False
     try:
         with os.fdopen(fd, "wb") as f:
-            digest = _copy_url(url, f, dest_dir, progress)
+            digest = _copy_url(url, f, dest_dir, progress, max_bytes)
         if digest != md5.lower():
             raise ChecksumError(f"the archive downloaded from {url} has MD5 {digest}, expected {md5.lower()}: it is "
                                 f"corrupt or not the CIFAR-10 python archive (it was deleted)")
@@ -86,8 +92,9 @@ def _fetch(url, dest_dir, md5, progress):
             Path(tmp).unlink(missing_ok=True)
 
 
-def _copy_url(url, f, dest_dir, progress):
-    """Copy the body at url into the open file f with a progress bar; returns its MD5 hex digest."""
+def _copy_url(url, f, dest_dir, progress, max_bytes=DOWNLOAD_LIMIT):
+    """Copy the body at url into the open file f with a progress bar, refusing more than max_bytes; returns its MD5
+    hex digest."""
     from tqdm import tqdm
 
     md5, received, total = hashlib.md5(usedforsecurity=False), 0, None
@@ -95,13 +102,21 @@ def _copy_url(url, f, dest_dir, progress):
     try:
         with urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
+            if total is not None and total > max_bytes:
+                raise DownloadError(_by_hand(url, dest_dir, f"the server offers {total} bytes, more than the "
+                                                            f"{max_bytes} a CIFAR-10 archive may have"))
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="CIFAR-10",
                       disable=disable) as bar:
-                while chunk := resp.read(1 << 20):
+                while chunk := resp.read(min(1 << 20, max_bytes + 1 - received)):
+                    if received + len(chunk) > max_bytes:
+                        raise DownloadError(_by_hand(url, dest_dir, f"the transfer went past {max_bytes} bytes, "
+                                                                    "more than a CIFAR-10 archive may have"))
                     f.write(chunk)
                     md5.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+    except DownloadError:
+        raise
     except (OSError, http.client.HTTPException, ValueError) as err:
         if isinstance(err, urllib.error.HTTPError):
             err.close()  # it holds the response open
@@ -156,6 +171,10 @@ def _safe_extract(archive, folder):
             members = tar.getmembers()
             for member in members:
                 _check_member(member, archive)
+            total = sum(member.size for member in members if member.isfile())
+            if total > EXTRACT_LIMIT:
+                raise ArchiveError(f"{archive}: refusing to extract {total} bytes, more than the {EXTRACT_LIMIT} the "
+                                   f"CIFAR-10 batches may take")
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(folder, members=members, filter="data")
             else:  # Python < 3.11.4: the checks above are the filter

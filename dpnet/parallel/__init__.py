@@ -5,6 +5,7 @@
 - buffers: FusedBuffer, the synchronized-batchnorm reducer, check_in_sync
 - node_memory, shared_copy: memory the processes of one machine share
 - environment: launcher variables, BLAS threads, UCX, /dev/shm; failures: the job-wide abort, fault injection
+- watchdog: the collective watchdog (`dpnet-train --timeout`): a stopped or hung process ends the job, named
 """
 
 from .buffers import FusedBuffer, check_in_sync, make_reducer

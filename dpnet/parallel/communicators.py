@@ -5,7 +5,8 @@ contiguous NumPy array, returning it), the block collectives `reduce_scatter`, `
 cut into one block per process, see `block_counts`), `barrier()`, `abort(code=1)`, `local_size()` (processes on this
 machine) and `shared_array(size, dtype, each=False)` (memory every process maps when all run on one machine, else
 None). `SerialCommunicator` is the single process and never imports mpi4py; `MPICommunicator` wraps mpi4py's buffer
-calls, so no object is pickled. `get_communicator()` picks one from the launcher's environment.
+calls, so no object is pickled; its collectives are timed by the collective watchdog when one runs (watchdog.py).
+`get_communicator()` picks one from the launcher's environment.
 """
 
 import os
@@ -18,6 +19,7 @@ from .environment import (SHM_DIR, launched_size, shared_memory_room, skip_ucx_s
                           unlink_job_shared_memory_files, warn)
 from .failures import flush_std_streams, install_abort_handler
 from .node_memory import NodeSharedArray
+from .watchdog import collective
 
 OPS = ("sum", "max", "min")
 
@@ -129,18 +131,21 @@ class MPICommunicator:
         if self.size > 1:
             install_abort_handler(self)
 
+    @collective("allreduce")
     def allreduce(self, buf, op="sum"):
         """Element-wise reduce `buf` over all processes, in place; every process gets the result. Returns buf."""
         check_buffer(buf, op)
         self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._ops[op])
         return buf
 
+    @collective("bcast")
     def bcast(self, buf, root=0):
         """Overwrite `buf` on every process with root's `buf` (same shape and dtype everywhere). Returns buf."""
         check_buffer(buf)
         self.comm.Bcast(buf, root=root)
         return buf
 
+    @collective("reduce_scatter")
     def reduce_scatter(self, sendbuf, recvbuf, counts):
         """Sum the 1-D `sendbuf` over all processes, block by block: block r (counts[r] elements, the blocks back to
         back in rank order) of the sum lands in process r's `recvbuf` (counts[rank] elements). Returns recvbuf."""
@@ -154,6 +159,7 @@ class MPICommunicator:
             self.comm.Reduce_scatter(sendbuf, recvbuf, recvcounts=list(counts), op=self._MPI.SUM)
         return recvbuf
 
+    @collective("allgather")
     def allgather(self, buf, counts):
         """In place on the 1-D `buf`: block r (counts[r] elements, back to back in rank order) is process r's; every
         process ends with all blocks. Returns buf."""
@@ -164,6 +170,7 @@ class MPICommunicator:
             self.comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), _displacements(counts))])
         return buf
 
+    @collective("gather")
     def gather(self, sendbuf, recvbuf, counts, root=0):
         """Process r's 1-D `sendbuf` (counts[r] elements) becomes block r of root's `recvbuf` (sum(counts) elements;
         None on the other processes). Returns recvbuf."""
@@ -177,6 +184,7 @@ class MPICommunicator:
             self.comm.Gatherv(sendbuf, None, root=root)
         return recvbuf
 
+    @collective("barrier")
     def barrier(self):
         self.comm.Barrier()
 
@@ -188,6 +196,7 @@ class MPICommunicator:
             node.Free()
         return self._local_size
 
+    @collective("shared_array")
     def shared_array(self, size, dtype, each=False):
         """Collective: a NodeSharedArray of `size` elements of `dtype` that every process maps (with `each`, one such
         array per process), when all processes run on one machine; else None. None too, with a note on stderr, when

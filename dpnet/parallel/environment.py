@@ -75,6 +75,23 @@ def processes_on_this_node(comm=None):
     return 1
 
 
+def usable_cores():
+    """The CPUs this process may run on (its affinity mask where there is one, else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def requested_blas_threads(n=None):
+    """(threads, where they come from) as asked for: n (source "the argument"), else the first of THREAD_VARS that
+    is set (source its name), else (None, None). Not collective, creates nothing; ValueError naming the source unless
+    the number is a positive integer."""
+    if n is not None:
+        return positive_int(n, "the number of BLAS threads"), "the argument"
+    var = next((v for v in THREAD_VARS if os.environ.get(v)), None)
+    if var is None:
+        return None, None
+    return positive_int(os.environ[var], var), var
+
+
 def set_blas_threads(n=None, comm=None):
     """Limit the BLAS thread pool of this process to n threads (via threadpoolctl) and return n.
 
@@ -85,14 +102,9 @@ def set_blas_threads(n=None, comm=None):
     its own cores (srun --cpus-per-task) gives one process its CPUs only: set OMP_NUM_THREADS there.
     """
     global _blas_limits
+    n, _ = requested_blas_threads(n)
     if n is None:
-        var = next((v for v in THREAD_VARS if os.environ.get(v)), None)
-        if var is not None:
-            n = positive_int(os.environ[var], var)
-        else:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            n = max(1, cores // processes_on_this_node(comm))
-    n = positive_int(n, "the number of BLAS threads")
+        n = max(1, usable_cores() // processes_on_this_node(comm))
     from threadpoolctl import threadpool_limits
 
     _blas_limits = threadpool_limits(limits=n, user_api="blas")

@@ -1,8 +1,10 @@
 """How a data-parallel job fails: as a whole, never with some processes left waiting.
 
 `install_abort_handler(comm)` turns an unhandled exception, SIGINT or SIGTERM on any rank into one message on stderr
-and `comm.abort()` of the whole job. `fault_injection_point(comm, step)` raises on the rank and step named by
-$DPNET_FAULT_INJECT="rank=R,step=S" (tests only; both keys required integers, spaces allowed around them).
+and `comm.abort()` of the whole job; `set_abort_note(note)` adds what `note()` returns to the signal's message (the
+command line says how to resume). `fault_injection_point(comm, step)` acts on the rank and step named by
+$DPNET_FAULT_INJECT="rank=R,step=S[,action=A]" (tests only; rank and step required integers, spaces allowed around
+them): action raise (the default) raises RuntimeError, stop sends the process SIGSTOP, hang sleeps for ever.
 """
 
 import functools
@@ -11,14 +13,24 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 
 from .environment import warn
 
 FAULT_ENV = "DPNET_FAULT_INJECT"
+FAULT_ACTIONS = ("raise", "stop", "hang")
 
 _abort_handler_installed = False
 _signal_sockets = None  # kept alive: CPython writes caught signal numbers into the second one
+_abort_note = None  # callable -> str added to a signal's message (set_abort_note)
+
+
+def set_abort_note(note):
+    """`note()` (a callable returning text, or None to drop it) is added to the message of a signal that ends the
+    job, e.g. how to resume; it must not raise nor take locks the main thread may hold."""
+    global _abort_note
+    _abort_note = note
 
 
 def flush_std_streams():
@@ -73,7 +85,11 @@ def _abort_on_signals(comm, who):
 
     def watch():
         signum = reader.recv(1)[0]
-        warn(f"dpnet: {who} received {signal.Signals(signum).name}; aborting all ranks\n")
+        try:
+            note = _abort_note() if _abort_note is not None else ""
+        except Exception:
+            note = ""
+        warn(f"dpnet: {who} received {signal.Signals(signum).name}; aborting all ranks{note}\n")
         comm.abort(128 + signum)
 
     threading.Thread(target=watch, name="dpnet-abort-on-signal", daemon=True).start()
@@ -81,25 +97,36 @@ def _abort_on_signals(comm, who):
 
 @functools.lru_cache(maxsize=8)
 def parse_fault(value):
-    """(rank, step) from a $DPNET_FAULT_INJECT value, None for an empty one; ValueError for anything malformed."""
+    """(rank, step, action) from a $DPNET_FAULT_INJECT value, None for an empty one; ValueError for anything
+    malformed."""
     if not value:
         return None
     try:
         fields = dict(item.split("=") for item in value.replace(" ", "").split(","))
-        spec = int(fields.pop("rank")), int(fields.pop("step"))
+        spec = int(fields.pop("rank")), int(fields.pop("step")), fields.pop("action", "raise")
     except (ValueError, KeyError):
         fields, spec = None, None
-    if spec is None or fields:
-        raise ValueError(f'{FAULT_ENV}={value!r}: expected "rank=R,step=S" with integers R and S')
+    if spec is None or fields or spec[2] not in FAULT_ACTIONS:
+        raise ValueError(f'{FAULT_ENV}={value!r}: expected "rank=R,step=S" with integers R and S, optionally '
+                         f'",action=A" with A one of {", ".join(FAULT_ACTIONS)}')
     return spec
 
 
 def fault_injection_point(comm, step):
-    """Raise RuntimeError("injected fault ...") if $DPNET_FAULT_INJECT names this rank and `step` (tests only).
+    """Act as $DPNET_FAULT_INJECT says if it names this rank and `step` (tests only): raise RuntimeError("injected
+    fault ..."), stop the process (SIGSTOP, as a debugger or a hung device would) or hang it (sleep for ever).
 
     `step` is whatever the caller counts (the Solver passes its iteration counter before the update). The variable is
     parsed once per distinct value, so an unset variable costs one dictionary lookup.
     """
     spec = parse_fault(os.environ.get(FAULT_ENV))
-    if spec is not None and spec == (comm.rank, step):
+    if spec is None or spec[:2] != (comm.rank, step):
+        return
+    if spec[2] == "stop":
+        flush_std_streams()
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif spec[2] == "hang":
+        while True:
+            time.sleep(3600)
+    else:
         raise RuntimeError(f"injected fault on rank {comm.rank} at step {step} ({FAULT_ENV}={os.environ[FAULT_ENV]})")

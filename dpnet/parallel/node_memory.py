@@ -7,6 +7,7 @@ lie in shared memory instead (`SharedSum`), and each process sums its block stra
 import numpy as np
 
 from .buffers import FusedBuffer
+from .watchdog import collective
 
 
 class NodeSharedArray:
@@ -30,6 +31,7 @@ class NodeSharedArray:
         """Process `rank`'s array (made with `each`; else the one array)."""
         return self._arrays[rank if len(self._arrays) > 1 else 0]
 
+    @collective("shared-memory barrier")
     def sync(self):
         """Collective: every process's writes so far become visible to every process."""
         self._window.Sync()

@@ -1,13 +1,18 @@
 """Loading plugins into one ``pluggy.PluginManager``: dpnet's built-ins, then the entry points of the group ``dpnet``.
 
 Each plugin's hooks are called on their own and what they return is validated before any of it is merged, so that
-a failure names its plugin and distribution and leaves the others' records intact. :func:`build` does one full load;
-``dpnet.plugins.registry`` keeps its result and answers lookups from it.
+a failure names its plugin and distribution and leaves the others' records intact. A plugin's import and hooks are
+contained whatever they raise short of KeyboardInterrupt (SystemExit included: a plugin that calls sys.exit or
+argparse cannot end the command), and what they print meanwhile goes to stderr, or into the error's message.
+:func:`build` does one full load; ``dpnet.plugins.registry`` keeps its result and answers lookups from it.
 """
 
+import contextlib
 import importlib.metadata
+import io
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -84,6 +89,28 @@ def _exc_text(exc):
     return f"{type(exc).__name__}: {exc}"
 
 
+class _Contained:
+    """Run plugin code: `call()` returns (result, None) or (None, the BaseException it raised, KeyboardInterrupt
+    excepted, with what it printed in its text). What it prints goes to stderr when it succeeds (never to stdout,
+    which `python -m dpnet.plugins --json` owns)."""
+
+    @staticmethod
+    def call(function):
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                result = function()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: B036 (SystemExit too: a plugin must not end the command)
+            text = " ".join(printed.getvalue().split())
+            shown = f" (it printed: {text[:300]}{'...' if len(text) > 300 else ''})" if text else ""
+            return None, exc, f"{_exc_text(exc)}{shown}"
+        if printed.getvalue():
+            sys.stderr.write(printed.getvalue())
+        return result, None, ""
+
+
 def _normalize(dist_name):
     return re.sub(r"[-_.]+", "-", dist_name).lower()
 
@@ -111,10 +138,10 @@ class RegistryState:
                 continue
             if impl.hookwrapper or impl.wrapper:
                 raise _plugin_error(info, f"implements {hookname} as a hook wrapper, which dpnet does not support")
-            try:
-                results.append(impl.function())
-            except Exception as exc:
-                raise _plugin_error(info, f"raised in its {hookname} hook: {_exc_text(exc)}", exc) from exc
+            result, exc, text = _Contained.call(impl.function)
+            if exc is not None:
+                raise _plugin_error(info, f"raised in its {hookname} hook: {text}", exc) from exc
+            results.append(result)
         return results
 
     def _collect(self, plugin, info):
@@ -248,11 +275,10 @@ class RegistryState:
                     self._load(ep, info)
 
     def _load(self, ep, info):
-        try:
-            plugin = ep.load()
-        except Exception as exc:
+        plugin, exc, text = _Contained.call(ep.load)
+        if exc is not None:
             self.plugins.append(info)
-            self._fail(info, _plugin_error(info, f"failed to import: {_exc_text(exc)}", exc))
+            self._fail(info, _plugin_error(info, f"failed to import: {text}", exc))
             return
         self.add(plugin, info)
 
