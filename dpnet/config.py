@@ -1,11 +1,10 @@
-"""The command line's configuration: what a run's configuration is (DEFAULTS, FLAGS), where it comes from, and
-whether it is valid.
+"""The command line's configuration: what a run's configuration is (DEFAULTS, FLAGS), its flags (build_parser), how
+values are shown and written (shown, to_toml), and where the run writes (resolve_dirs).
 
-Precedence: DEFAULTS < the configuration saved in the --resume checkpoint < the --config TOML file (its keys are the
-flag names, with '-' or '_') < the flags given (resolve_config); the tables (optim, model_options) merge key by key.
-A resumed run continues the saved configuration; only the keys in RESUME_MAY_CHANGE may differ from it. Bad input
-raises UsageError. Nothing here creates files: resolve_dirs only checks that the log and checkpoint folders can be
-written; dpnet.train creates them and runs.
+Beside it: config_sources.py (resolve_config: defaults, a resumed checkpoint's configuration, the --config TOML and the
+flags, in that precedence), config_checks.py (check_config), config_values.py (the text forms of values and layers).
+Bad input raises UsageError. Nothing here creates files: resolve_dirs only checks that the log and checkpoint folders
+can be written; dpnet.train creates them and runs.
 
 The architecture is given one of three ways: the FullyConnectedNet keys (FC_KEYS: --hidden-dims, --activation,
 --normalization, --dropout, --weight-scale), `layers` (a dpnet.models.Sequential spec), or `model` (a network a plugin
@@ -16,16 +15,12 @@ LAYERS_GRAMMAR (parse_layers, format_layers); in TOML it is an array of names an
 
 import argparse
 import difflib
-import inspect
-import json
-import math
 import os
-import re
 import time
-import tomllib
 from pathlib import Path
 
-import numpy as np
+from .config_values import (LAYERS_EXAMPLE, LAYERS_GRAMMAR, VALUES_HELP, format_layers, format_value,  # noqa: F401 (re-exported)
+                            layer_entries, parse_key_value, parse_layers, scalar_table, toml_key, toml_value)
 
 # The tuned configuration of a bare `python -m dpnet.train`, mirrored in configs/default.toml (tests check the two
 # agree). Change both together.
@@ -70,11 +65,6 @@ DEFAULTS = dict(
     force_blas_threads=False,
 )
 
-LAYERS_GRAMMAR = "NAME[:KEY=VALUE...][,NAME[:KEY=VALUE...]...]"
-_LAYERS_EXAMPLE = "affine:units=1024,batchnorm,relu,dropout:keep=0.9,affine:units=10"
-_VALUES = ("VALUE is true or false, an integer, a decimal number (0.5, 1e-3), a \"quoted string\" (JSON escapes) or "
-           "any other word as a string")
-
 # key -> (kind, help). Kinds: path, str, int, float, ints (a list of ints), bool (a switch), layers (a Sequential
 # spec), options (a table of KEY=VALUE, given by a repeatable flag).
 FLAGS = {
@@ -84,14 +74,14 @@ FLAGS = {
     "num_train": ("int", "training images to use (the first N of the 49000; the next 1000 are the validation set)"),
     "layers": ("layers", f"the network, layer by layer (a dpnet.models.Sequential, input (3, 32, 32)), instead of "
                          f"the FullyConnectedNet of --hidden-dims, --activation, --normalization, --dropout and "
-                         f"--weight-scale: {LAYERS_GRAMMAR}, e.g. --layers {_LAYERS_EXAMPLE}; the entries may also be "
+                         f"--weight-scale: {LAYERS_GRAMMAR}, e.g. --layers {LAYERS_EXAMPLE}; the entries may also be "
                          f"separate arguments. NAME is any layer of `python -m dpnet.plugins` (kind layer, activation "
-                         f"or normalization), KEY=VALUE its options; {_VALUES}. In TOML: layers = [{{layer = "
+                         f"or normalization), KEY=VALUE its options; {VALUES_HELP}. In TOML: layers = [{{layer = "
                          f"\"affine\", units = 1024}}, \"relu\", ...]"),
     "model": ("str", "a network that a plugin provides (its dpnet_models hook), instead of --layers or the "
                      "FullyConnectedNet flags; built with the --model-option options (`python -m dpnet.plugins` lists "
                      "the models)"),
-    "model_options": ("options", f"an option of --model, KEY=VALUE (repeatable; {_VALUES}); in TOML the table "
+    "model_options": ("options", f"an option of --model, KEY=VALUE (repeatable; {VALUES_HELP}); in TOML the table "
                                  f"[model-options]"),
     "hidden_dims": ("ints", "sizes of the hidden layers, e.g. --hidden-dims 512 512 (none: a linear classifier)"),
     "activation": ("str", "activation after each hidden layer (built-in: relu; plugins add more)"),
@@ -103,8 +93,8 @@ FLAGS = {
     "update_rule": ("str", "update rule: sgd, sgd_momentum, rmsprop or adam (plugins add more)"),
     "lr": ("float", "initial learning rate"),
     "optim": ("options", f"a hyper-parameter of the update rule, KEY=VALUE, e.g. --optim beta2=0.99 (repeatable; "
-                         f"{_VALUES}; the learning rate is --lr); in TOML the table [optim]. The keys are those the "
-                         f"rule fills in by default"),
+                         f"{VALUES_HELP}; the learning rate is --lr); in TOML the table [optim]. The keys are "
+                         f"those the rule fills in by default"),
     "lr_decay": ("float", "learning-rate factor: after every epoch (exponential), or at each milestone (step)"),
     "lr_schedule": ("str", "learning-rate schedule: exponential (times --lr-decay every epoch), step (times "
                            "--lr-decay at each of --lr-milestones) or cosine (down to 0 at the last epoch)"),
@@ -179,169 +169,8 @@ def flag(key):
     return "--model-option" if key == "model_options" else "--" + key.replace("_", "-")
 
 
-# ----------------------------------------------------------------------------------------------- values and layers
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")  # a layer name (dpnet.plugins.records.VALID_NAME)
-_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_INT = re.compile(r"[+-]?\d+\Z")
-_FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(?=[eE]))([eE][+-]?\d+)?\Z")
-_WORD = re.compile(r"[^\s,:=\"]+")
-_TOKENS = re.compile(r'\s*(?:("(?:[^"\\]|\\.)*")|([,:=])|([^\s,:="]+)|(\S))')
-_SCALARS = (bool, int, float, str)
-
-
-def parse_value(text):
-    """A KEY=VALUE value: true/false -> bool, an integer -> int, a decimal number -> float, a JSON-quoted string ->
-    that string, any other word -> the word itself."""
-    text = text.strip()
-    if text in ("true", "false"):
-        return text == "true"
-    if _INT.match(text):
-        return int(text)
-    if _FLOAT.match(text):
-        return float(text)
-    if text.startswith('"'):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = None
-        if not isinstance(value, str):
-            raise ValueError(f"{text} is not a well-formed quoted string")
-        return value
-    return text
-
-
-def format_value(value):
-    """The text that parse_value reads back as `value` (a bool, int, float or str)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str) and _WORD.fullmatch(value) and parse_value(value) == value:
-        return value
-    return json.dumps(value)
-
-
-def parse_key_value(text):
-    """(key, value) of a KEY=VALUE argument (the value as parse_value reads it); ValueError saying what is wrong."""
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not _KEY.match(key):
-        raise ValueError(f"expected KEY=VALUE with KEY a name (letters, digits, _), got {text!r}")
-    if not value.strip():
-        raise ValueError(f"{key}= has no value")
-    return key, parse_value(value)
-
-
-def parse_layers(text):
-    """The layer list of a compact spec, LAYERS_GRAMMAR: entries separated by commas, each a layer name followed by
-    ':KEY=VALUE' options (values as parse_value reads them). An entry without options is its name, one with options
-    a dict {"layer": name, **options}. ValueError saying where the text is malformed."""
-    tokens, pos = [], 0
-    text = text.strip()
-    while pos < len(text):
-        match = _TOKENS.match(text, pos)
-        if match is None:  # only trailing white space is left
-            break
-        quoted, sep, word, other = match.groups()
-        if other is not None:
-            raise ValueError(f"malformed layer spec {text!r}: unexpected {other!r} at character {match.start(4) + 1} "
-                             f"(the form is {LAYERS_GRAMMAR}, e.g. {_LAYERS_EXAMPLE})")
-        start = match.start(match.lastindex)
-        tokens.append((start, "word" if word is not None else "quoted" if quoted is not None else sep,
-                       word or quoted or sep))
-        pos = match.end()
-    tokens.append((len(text), "end", ""))
-
-    def fail(i, expected):
-        at, kind, value = tokens[i]
-        found = "the end" if kind == "end" else repr(value)
-        raise ValueError(f"malformed layer spec {text!r}: expected {expected} at character {at + 1}, found {found} "
-                         f"(the form is {LAYERS_GRAMMAR}, e.g. {_LAYERS_EXAMPLE})")
-
-    entries, i = [], 0
-    while True:
-        if tokens[i][1] != "word" or not _NAME.match(tokens[i][2]):
-            fail(i, "a layer name")
-        entry, i = {"layer": tokens[i][2]}, i + 1
-        while tokens[i][1] == ":":
-            if tokens[i + 1][1] != "word" or not _KEY.match(tokens[i + 1][2]) or tokens[i + 1][2] == "layer":
-                fail(i + 1, "an option name")
-            if tokens[i + 2][1] != "=":
-                fail(i + 2, f"'=' after the option {tokens[i + 1][2]}")
-            if tokens[i + 3][1] not in ("word", "quoted"):
-                fail(i + 3, f"a value for the option {tokens[i + 1][2]}")
-            if tokens[i + 1][2] in entry:
-                raise ValueError(f"malformed layer spec {text!r}: {entry['layer']} has the option "
-                                 f"{tokens[i + 1][2]} twice (again at character {tokens[i + 1][0] + 1})")
-            try:
-                entry[tokens[i + 1][2]] = parse_value(tokens[i + 3][2])
-            except ValueError as exc:
-                raise ValueError(f"malformed layer spec {text!r}: {exc}") from None
-            i += 4
-        entries.append(entry["layer"] if len(entry) == 1 else entry)
-        if tokens[i][1] == "end":
-            return entries
-        if tokens[i][1] != ",":
-            fail(i, "',' or ':'")
-        i += 1
-
-
-def format_layers(spec):
-    """The compact form (LAYERS_GRAMMAR) of a layer list, which parse_layers reads back as the same list."""
-    parts = []
-    for entry in spec:
-        if isinstance(entry, dict):
-            options = "".join(f":{key}={format_value(value)}" for key, value in entry.items() if key != "layer")
-            parts.append(f"{entry['layer']}{options}")
-        else:
-            parts.append(str(entry))
-    return ",".join(parts)
-
-
-def _layer_entries(value, where):
-    """A TOML `layers` value as a layer list: names, and dicts {"layer": name, **scalar options} (a table without
-    options becomes its name); UsageError otherwise."""
-    form = "an array of layer names and inline tables {layer = NAME, option = value, ...}"
-    if not isinstance(value, list) or not value:
-        raise UsageError(f"{where}: layers must be {form}, got {value!r}")
-    entries = []
-    for i, entry in enumerate(value):
-        name = entry.get("layer") if isinstance(entry, dict) else entry
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise UsageError(f"{where}: layers[{i}] must be a layer name or an inline table with a layer name "
-                             f"({form}), got {entry!r}")
-        if isinstance(entry, dict):
-            for key, option in entry.items():
-                if not _KEY.match(key):
-                    raise UsageError(f"{where}: layers[{i}] ({name}): {key!r} is not an option name")
-                if not isinstance(option, _SCALARS):
-                    raise UsageError(f"{where}: layers[{i}] ({name}): option {key} must be a boolean, number or "
-                                     f"string, got {option!r}")
-            entry = {"layer": name, **{k: v for k, v in entry.items() if k != "layer"}}
-            entries.append(name if len(entry) == 1 else entry)
-        else:
-            entries.append(name)
-    return entries
-
-
-def _table(key, value, where):
-    """A TOML table of KEY = scalar (optim, model_options) as a dict; UsageError otherwise."""
-    toml_key = key.replace("_", "-")
-    if not isinstance(value, dict):
-        raise UsageError(f"{where}: {toml_key} must be a table of key = value ([{toml_key}] with one key per "
-                         f"line), got {value!r}")
-    for name, item in value.items():
-        if not _KEY.match(name):
-            raise UsageError(f"{where}: [{toml_key}]: {name!r} is not a valid key")
-        if not isinstance(item, _SCALARS):
-            raise UsageError(f"{where}: [{toml_key}] {name} must be a boolean, number or string, got {item!r}")
-    return dict(value)
-
-
 # ----------------------------------------------------------------------------------------------- parsing
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that speaks on rank 0 only, so that N processes print one message."""
 
     rank = 0
@@ -404,7 +233,7 @@ _METAVARS = {"dtype": "{float32,float64}", "resume": "CHECKPOINT", "dropout": "P
 
 
 def build_parser(rank=0):
-    parser = _Parser(prog="dpnet-train", argument_default=argparse.SUPPRESS,
+    parser = Parser(prog="dpnet-train", argument_default=argparse.SUPPRESS,
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Train a network on CIFAR-10 (a FullyConnectedNet, the layers of --layers, or a\n"
                                  "plugin's --model), in one process or data parallel under `mpiexec -n N`, with\n"
@@ -433,300 +262,6 @@ def build_parser(rank=0):
             metavar = _METAVARS.get(key, {"int": "N", "path": "DIR", "str": "NAME"}.get(kind, key.upper()))
             parser.add_argument(flag(key), type=types[kind], choices=choices, metavar=metavar, help=help_text)
     return parser
-
-
-def _typed(key, value, source):
-    """value (from a TOML file) checked against the kind of `key`; UsageError otherwise."""
-    kind = FLAGS[key][0]
-    if kind == "layers":
-        return _layer_entries(value, source)
-    if kind == "options":
-        return _table(key, value, source)
-    ok = {"bool": lambda v: isinstance(v, bool),
-          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "str": lambda v: isinstance(v, str), "path": lambda v: isinstance(v, str),
-          "ints": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)}
-    if value is None and DEFAULTS[key] is None:
-        return None
-    if not ok[kind](value):
-        wanted = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-                  "path": "a string", "ints": "a list of integers"}[kind]
-        raise UsageError(f"{source}: {key.replace('_', '-')} must be {wanted}, got {value!r}")
-    return float(value) if kind == "float" else value
-
-
-TOML_LIMIT = 1 << 20  # bytes of a --config file (a configuration is a few hundred)
-
-
-def load_toml(path):
-    """The configuration in a TOML file as {key: value}; UsageError for a missing, malformed, non-UTF-8 or larger
-    than TOML_LIMIT file (nothing beyond that is read), unknown keys or values of the wrong type."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(TOML_LIMIT + 1)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if len(data) > TOML_LIMIT:
-        raise UsageError(f"the config file {path} is larger than {TOML_LIMIT >> 20} MiB: not a configuration")
-    try:
-        raw = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is not UTF-8 text (byte {exc.start + 1}); TOML files are UTF-8") from None
-    except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise UsageError(f"{path} is not valid TOML: {exc or 'nested too deeply'}") from None
-    config = {}
-    unknown = []
-    for name, value in raw.items():
-        key = name.replace("-", "_")
-        if key not in FLAGS:
-            unknown.append(name)
-        else:
-            config[key] = _typed(key, value, path)
-    if unknown:
-        raise UsageError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; the keys are the flag names: "
-                         f"{', '.join(k.replace('_', '-') for k in FLAGS)}")
-    return config
-
-
-def resolve_config(given):
-    """The run's configuration, and the meta of the checkpoint to resume (None: a new run), from the flags given.
-
-    Precedence: DEFAULTS < the resumed checkpoint's configuration < the --config file < the flags.
-    """
-    given = dict(given)
-    path = given.pop("config", None)
-    from_file = load_toml(path) if path is not None else {}
-    _check_one_architecture(from_file, given, path)
-    explicit = {**from_file, **given}
-    for key in TABLE_KEYS:
-        if key in from_file and key in given:
-            explicit[key] = {**from_file[key], **given[key]}
-    saved, meta = {}, None
-    resume = explicit.get("resume")
-    if resume:
-        saved, meta = _saved_config(resume, explicit)
-        for key in TABLE_KEYS:
-            if key in explicit and isinstance(saved.get(key), dict):
-                explicit[key] = {**saved[key], **explicit[key]}
-        differ = [f"{flag(k)} {shown(v)} (the checkpoint has {shown(saved[k])})"
-                  for k, v in sorted(explicit.items())
-                  if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]]
-        if differ:
-            raise UsageError(f"cannot resume {resume} with a different configuration: {'; '.join(differ)}. A resumed "
-                             f"run continues the saved one; only {', '.join(sorted(map(flag, RESUME_MAY_CHANGE)))} "
-                             f"may change (start a new run to change the rest)")
-    config = {**DEFAULTS, **saved, **explicit}
-    if config["layers"] is not None or config["model"] is not None:
-        config.update(dict.fromkeys(FC_KEYS))  # not this run's architecture
-    return config, meta
-
-
-def _saved_config(resume, explicit):
-    """(the configuration saved in the checkpoint `resume`, checked like a TOML file's; its meta), reading nothing but
-    its meta. Where the run writes (NOT_FROM_CHECKPOINT) is left out: it comes from this invocation."""
-    from .checkpoint import CheckpointError
-    from .checkpoint_reader import read_meta
-
-    try:
-        meta = read_meta(resume)
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
-    source = f"the configuration saved in {resume}"
-    saved = {key: None if value is None and (key in FC_KEYS or DEFAULTS[key] is None) else _typed(key, value, source)
-             for key, value in meta["config"].items() if key in FLAGS and key not in NOT_FROM_CHECKPOINT}
-    if explicit.get("download") and "data_dir" not in explicit and saved.get("data_dir") is not None:
-        raise UsageError(f"--download with --resume needs --data-dir: the data folder saved in {resume} is only read, "
-                         "never downloaded into")
-    return saved, meta
-
-
-def _check_one_architecture(from_file, given, path):
-    """UsageError when the flags and the --config file, together, give more than one of --model, --layers and the
-    FullyConnectedNet keys (FC_KEYS)."""
-    explicit = {**from_file, **given}
-
-    def named(keys):
-        return ", ".join(flag(k) + ("" if k in given else f" (in {path})") for k in keys)
-
-    for key, what in (("model", "--model builds a plugin's network"),
-                      ("layers", "--layers gives the network layer by layer")):
-        if key in explicit:
-            others = (["layers"] if key == "model" and "layers" in explicit else []) + [k for k in FC_KEYS
-                                                                                          if k in explicit]
-            if others:
-                raise UsageError(f"{named([key])} cannot be combined with {named(others)}: {what}, in place of "
-                                 f"{'--layers and ' if key == 'model' else ''}the FullyConnectedNet of "
-                                 f"{', '.join(map(flag, FC_KEYS))}; give the architecture one way")
-
-
-def check_config(config, num_processes):
-    """Raise UsageError naming the flag for the first invalid value."""
-    from . import registry
-
-    def need(condition, key, what):
-        if not condition:
-            raise UsageError(f"{flag(key)} must be {what}, got {shown(config[key])}")
-
-    for key in (k for k, (kind, _) in FLAGS.items() if kind == "float"):
-        need(config[key] is None or np.isfinite(config[key]), key, "a finite number")
-    need(1 <= config["num_train"] <= NUM_TRAIN_MAX, "num_train", f"between 1 and {NUM_TRAIN_MAX}")
-    fc = config["layers"] is None and config["model"] is None
-    if fc:
-        need(all(h >= 1 for h in config["hidden_dims"]), "hidden_dims", "positive integers")
-        need(0 < config["dropout"] <= 1, "dropout", "a keep probability in (0, 1]")
-        need(config["weight_scale"] > 0, "weight_scale", "> 0")
-    need(config["reg"] >= 0, "reg", ">= 0")
-    need(config["lr"] > 0, "lr", "> 0")
-    need(config["lr_decay"] > 0, "lr_decay", "> 0")
-    for key, choices in (("lr_schedule", SCHEDULES), ("dtype", DTYPES)):
-        if config[key] not in choices:
-            raise UsageError(f"{flag(key)} must be one of {', '.join(choices)}, got {shown(config[key])}"
-                             f"{did_you_mean(config[key], choices)}")
-    need(all(m >= 1 for m in config["lr_milestones"]), "lr_milestones", "positive epoch numbers")
-    need(config["warmup_epochs"] >= 0, "warmup_epochs", ">= 0")
-    need(config["weight_decay"] >= 0, "weight_decay", ">= 0")
-    need(0 <= config["label_smoothing"] < 1, "label_smoothing", "in [0, 1)")
-    need(config["crop_padding"] >= 0, "crop_padding", ">= 0")
-    need(config["batch_size"] >= 1, "batch_size", "a positive integer")
-    need(config["epochs"] >= 1, "epochs", "a positive integer")
-    need(config["checkpoint_every"] >= 0, "checkpoint_every", ">= 0")
-    need(config["seed"] >= 0, "seed", ">= 0")
-    need(config["blas_threads"] is None or config["blas_threads"] >= 1, "blas_threads", "a positive integer")
-    from . import run_checks  # ranges the arithmetic needs; this machine's memory and cores
-
-    run_checks.check_ranges(config)
-    smallest = min(config["batch_size"], config["num_train"])
-    if smallest < num_processes:
-        what = "--batch-size" if config["batch_size"] <= config["num_train"] else "--num-train"
-        raise UsageError(f"the global batch ({what} {smallest}) is smaller than the number of processes "
-                         f"({num_processes}): every process needs at least one image per step")
-    try:
-        for key, kind in (("activation", "activation"), ("normalization", "normalization"), ("loss", "loss"),
-                          ("update_rule", "update_rule")):
-            names = registry.available(kind)
-            if config[key] is None:  # not this run's architecture
-                continue
-            if config[key] not in names and not (key == "normalization" and config[key] == "none"):
-                choices = (["none"] if key == "normalization" else []) + list(names)
-                raise UsageError(f"unknown {flag(key)} {config[key]!r}; the choices are: {', '.join(choices)} "
-                                 f"(`python -m dpnet.plugins` lists the providers){did_you_mean(config[key], choices)}")
-        if config["layers"] is not None:
-            _check_layer_names(config["layers"])
-        if config["model"] is not None:
-            _check_model(config)
-        elif config["model_options"]:
-            raise UsageError(f"--model-option {shown(config['model_options'])} needs --model (the options are a "
-                             f"plugin model's; --layers takes its layers' options in the spec)")
-        if config["optim"]:
-            config["optim"] = optim_options(config["update_rule"], config["optim"])
-    except registry.PluginError as exc:
-        raise UsageError(f"a plugin is broken: {exc}") from None
-    need(config["label_smoothing"] == 0 or config["loss"] == "softmax", "label_smoothing",
-         "0 with a loss other than softmax")
-    from .parallel.environment import processes_on_this_node
-
-    run_checks.check_memory(config, processes_on_this_node())
-    run_checks.check_blas_threads(config)
-
-
-def _check_layer_names(spec):
-    """UsageError for a layer name that no layer, activation or normalization has (with "did you mean")."""
-    from .models import resolve
-
-    for entry in spec:
-        try:
-            resolve(entry["layer"] if isinstance(entry, dict) else entry)
-        except ValueError as exc:
-            raise UsageError(f"--layers: {exc}") from None
-
-
-def model_keywords(factory):
-    """(the keyword names a model factory takes, whether it takes any keyword); (None, True) when its signature
-    cannot be inspected."""
-    try:
-        parameters = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return None, True
-    names = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
-
-
-def _check_model(config):
-    """UsageError for an unknown --model, a --model-option it does not take, or one that the run sets."""
-    from . import registry
-
-    name, options = config["model"], config["model_options"]
-    models = registry.available("model")
-    if name not in models:
-        close = difflib.get_close_matches(name, list(models), n=3)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-        choices = ", ".join(models) or "none (no installed plugin provides a model)"
-        raise UsageError(f"unknown --model {name!r}{hint}; the choices are: {choices} (`python -m dpnet.plugins` "
-                         f"lists the providers)")
-    for key in options:
-        if key in MODEL_RUN_KEYS:
-            source = (f"use {flag(MODEL_RUN_KEYS[key])}" if MODEL_RUN_KEYS[key] else
-                      "the CIFAR-10 images, (3, 32, 32)")
-            raise UsageError(f"--model-option {key}: the run gives the model its {key} ({source})")
-    names, any_keyword = model_keywords(registry.get_model(name))
-    unknown = [key for key in options if not any_keyword and key not in names]
-    if unknown:
-        takes = [n for n in names if n not in MODEL_RUN_KEYS]
-        raise UsageError(f"unknown --model-option {', '.join(map(repr, unknown))} for the model {name!r}; it takes: "
-                         f"{', '.join(takes) or 'no options'}")
-    for key in ("loss", "reg", "label_smoothing"):
-        if config[key] != DEFAULTS[key] and not any_keyword and key not in names:
-            raise UsageError(f"{flag(key)} {shown(config[key])} cannot be applied: the model {name!r} does not take "
-                             f"{key}")
-
-
-def optim_options(rule_name, options):
-    """The update-rule hyper-parameters `options` checked against the rule's: its keys are those the rule fills in
-    when called with an empty config (learning_rate, which is --lr, and its state excepted: arrays, and scalars that
-    change from one step to the next); each value must have the type of the default (an integer is accepted for a
-    float). Returns them with the defaults' types; UsageError naming the key otherwise."""
-    from . import registry
-
-    if "learning_rate" in options:
-        raise UsageError("--optim learning_rate: the learning rate is --lr")
-    rule = registry.get_update_rule(rule_name)
-    w, dw = np.linspace(-1.0, 1.0, 6).reshape(2, 3), np.linspace(0.5, -0.5, 6).reshape(2, 3)
-    try:
-        _, first = rule(w.copy(), dw, {})
-        first = {key: value for key, value in first.items() if not isinstance(value, np.ndarray)}
-        _, second = rule(w.copy(), dw, dict(first))
-    except (Exception, SystemExit) as exc:  # a plugin's rule: report it, do not crash (nor let it end the run)
-        raise UsageError(f"cannot learn the hyper-parameters of the update rule {rule_name!r} (it failed on a "
-                         f"2x3 array: {type(exc).__name__}: {exc})") from None
-    defaults = {key: value for key, value in first.items()
-                if key != "learning_rate" and isinstance(value, (*_SCALARS, np.generic))
-                and second.get(key) == value}
-    checked = {}
-    for key, value in options.items():
-        if key not in defaults:
-            accepted = ", ".join(f"{k} (default {format_value(_plain(v))})" for k, v in sorted(defaults.items()))
-            raise UsageError(f"unknown --optim key {key!r} for the update rule {rule_name!r}; it accepts: "
-                             f"{accepted or 'none (besides the learning rate, --lr)'}")
-        default = _plain(defaults[key])
-        if isinstance(default, bool):
-            ok, wanted = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            wanted, value = "a finite number", float(value) if ok else value
-        else:
-            ok, wanted = isinstance(value, type(default)), f"a {type(default).__name__}"
-        if not ok:
-            raise UsageError(f"--optim {key} must be {wanted} (the update rule {rule_name!r} has {key} = "
-                             f"{format_value(default)} by default), got {format_value(value)}")
-        checked[key] = value
-    return checked
-
-
-def _plain(value):
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def short_name(config):
@@ -781,22 +316,6 @@ def resolve_dirs(config):
     check_output_folders(config)
 
 
-def _toml_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float, str)):
-        return json.dumps(value)  # a TOML integer, float or basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(map(_toml_value, value)) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"{value!r} has no TOML form")
-
-
-def _toml_key(key):
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
 def to_toml(config):
     """The configuration as a TOML document that --config reads back (locations and unset keys left out; the tables
     optim and model_options as [optim] and [model-options] at the end)."""
@@ -807,8 +326,8 @@ def to_toml(config):
             continue
         if key in TABLE_KEYS:
             if value:
-                tables += ["", f"[{key.replace('_', '-')}]"] + [f"{_toml_key(k)} = {_toml_value(v)}"
+                tables += ["", f"[{key.replace('_', '-')}]"] + [f"{toml_key(k)} = {toml_value(v)}"
                                                                  for k, v in value.items()]
             continue
-        lines.append(f"{key.replace('_', '-')} = {_toml_value(value)}")
+        lines.append(f"{key.replace('_', '-')} = {toml_value(value)}")
     return "\n".join(lines + tables) + "\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UsageError, _Parser
+from .config import UsageError, Parser
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -18,7 +18,7 @@ EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 def parser(prog, description, rank=0):
     """An argparse parser printing on rank 0 only, with "did you mean" for choices, and the CHECKPOINT and --which
     arguments every command takes."""
-    result = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    result = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="Exit codes: 0 done, 2 bad input (one message), 130 interrupted.")
     result.rank = rank
     result.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint of dpnet (runs/<run>/best.npz, "

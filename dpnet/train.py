@@ -36,9 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import (MODEL_RUN_KEYS, OUTPUT_DIRS, NUM_VALIDATION, UsageError, shown, build_parser, check_config,
-                     model_keywords, resolve_config, resolve_dirs, to_toml)
-from .config import DEFAULTS, LOCATION_KEYS, flag, load_toml  # noqa: F401 (re-exported: tests, benchmarks use them)
+from .config import (MODEL_RUN_KEYS, OUTPUT_DIRS, NUM_VALIDATION, UsageError, shown, build_parser,
+                     resolve_dirs, to_toml)
+from .config_checks import check_config, model_keywords
+from .config import DEFAULTS, LOCATION_KEYS, flag  # noqa: F401 (re-exported: tests, benchmarks use them)
+from .config_sources import load_toml, resolve_config  # noqa: F401 (load_toml re-exported: tests use it)
 from .parallel.watchdog import EXIT_TIMEOUT  # noqa: F401 (an exit code of the command)
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OUTPUT_FAILED, EXIT_INTERRUPTED = 2, 3, 4, 130

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from dpnet import config as dpconfig
+from dpnet import config_checks
 from dpnet import train
 from dpnet.parallel import environment
 
@@ -207,8 +208,8 @@ def test_optim_and_model_options_round_trip_and_merge_key_by_key(tmp_path):
 
 
 def test_optim_values_take_the_defaults_types():
-    assert dpconfig.optim_options("adam", {"beta2": 1, "epsilon": 1e-7}) == {"beta2": 1.0, "epsilon": 1e-7}
-    assert isinstance(dpconfig.optim_options("adam", {"beta2": 1})["beta2"], float)
+    assert config_checks.optim_options("adam", {"beta2": 1, "epsilon": 1e-7}) == {"beta2": 1.0, "epsilon": 1e-7}
+    assert isinstance(config_checks.optim_options("adam", {"beta2": 1})["beta2"], float)
 
 
 # ----------------------------------------------------------------------------------------------- training
