@@ -81,7 +81,7 @@ def save_checkpoint(path, solver, config=None):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     arrays = solver_state(solver, config)
-    fd, tmp = _new_temporary_file(folder)
+    fd, tmp = new_temporary_file(folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -94,7 +94,7 @@ def save_checkpoint(path, solver, config=None):
     return path
 
 
-def _new_temporary_file(folder, suffix=".npz"):
+def new_temporary_file(folder, suffix=".npz"):
     """(fd, path) of a new file `.tmp-<pid>-<random><suffix>` in folder, open for writing, with the permissions open()
     would give it (0666 less the umask: tempfile.mkstemp's 0600 would leave every checkpoint readable by its writer
     alone). A killed writer's temporaries are found by that name (dpnet.run_outputs.remove_stale_temporaries)."""
@@ -110,11 +110,11 @@ def _new_temporary_file(folder, suffix=".npz"):
 def load_checkpoint(path):
     """Read a checkpoint into (arrays, meta) without unpickling anything and without a read beyond what its members
     declare (dpnet.checkpoint_reader checks the archive, each header and the meta fields); errors name the file."""
-    from .checkpoint_reader import _meta_from, open_archive, read_member
+    from .checkpoint_reader import meta_from, open_archive, read_member
 
     archive, members = open_archive(path)
     with archive:
-        meta = _meta_from(archive, members, path)
+        meta = meta_from(archive, members, path)
         arrays = {key: read_member(archive, member, path, key) for key, member in members.items()
                   if key != "meta" and member.filename.endswith(".npy")}
     return arrays, meta
@@ -128,11 +128,11 @@ def restore_checkpoint(solver, path):
     before anything is restored, and no member is read beyond the size the model gives it. Returns the saved
     configuration dict (what save_checkpoint was given as `config`).
     """
-    from .checkpoint_reader import _meta_from, checked_arrays, open_archive
+    from .checkpoint_reader import meta_from, checked_arrays, open_archive
 
     archive, members = open_archive(path)
     with archive:
-        meta = _meta_from(archive, members, path)
+        meta = meta_from(archive, members, path)
         arrays = checked_arrays(archive, members, path, solver, meta)
     model = solver.model
     for name in model.params:

@@ -30,7 +30,7 @@ MAX_MEMBERS = 100_000
 _INT64_MAX = 2 ** 63 - 1
 
 
-def _fail(path, problem):
+def fail_check(path, problem):
     return CheckpointError(f"checkpoint {path} is not a readable dpnet checkpoint: {problem}")
 
 
@@ -43,11 +43,11 @@ def open_archive(path):
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise _fail(path, "it is not a regular file")
+        raise fail_check(path, "it is not a regular file")
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        raise _fail(path, "not an .npz archive, or a truncated one") from None
+        raise fail_check(path, "not an .npz archive, or a truncated one") from None
     members = archive.infolist()
     names = [member.filename for member in members]
     problem = None
@@ -60,7 +60,7 @@ def open_archive(path):
                    f"{info.st_size} (dpnet writes checkpoints uncompressed)")
     if problem:
         archive.close()
-        raise _fail(path, problem)
+        raise fail_check(path, problem)
     return archive, {name[:-4] if name.endswith(".npy") else name: member for name, member in zip(names, members)}
 
 
@@ -68,7 +68,7 @@ def read_member(archive, member, path, key, shape=None, dtype=None, limit=None):
     """The array of one .npy member, checked before its data are read: not of an object or structured dtype, of
     `shape` and `dtype` when given, of at most `limit` bytes and of no more than the member holds."""
     if limit is not None and member.file_size > limit + HEADER_LIMIT:
-        raise _fail(path, f"{key} holds {member.file_size} bytes, more than this run's {key} needs ({limit})")
+        raise fail_check(path, f"{key} holds {member.file_size} bytes, more than this run's {key} needs ({limit})")
     try:
         with archive.open(member) as f:
             version = np.lib.format.read_magic(f)
@@ -76,7 +76,7 @@ def read_member(archive, member, path, key, shape=None, dtype=None, limit=None):
                            else np.lib.format.read_array_header_2_0)
             found_shape, fortran, found_dtype = read_header(f, max_header_size=HEADER_LIMIT)
             if found_dtype.hasobject or found_dtype.fields is not None:
-                raise _fail(path, f"{key} has the dtype {found_dtype}, which dpnet never writes")
+                raise fail_check(path, f"{key} has the dtype {found_dtype}, which dpnet never writes")
             if shape is not None and tuple(found_shape) != tuple(shape):
                 raise CheckpointError(f"checkpoint {path}: {key} has shape {list(found_shape)}, the run needs "
                                       f"{list(shape)}")
@@ -84,35 +84,35 @@ def read_member(archive, member, path, key, shape=None, dtype=None, limit=None):
                 raise CheckpointError(f"checkpoint {path}: {key} is {found_dtype}, the run needs {np.dtype(dtype)}")
             nbytes = math.prod(found_shape) * found_dtype.itemsize
             if nbytes > member.file_size or (limit is not None and nbytes > limit):
-                raise _fail(path, f"{key} claims {nbytes} bytes in a member of {member.file_size}"
+                raise fail_check(path, f"{key} claims {nbytes} bytes in a member of {member.file_size}"
                             + (f" (this run's {key} needs at most {limit})" if limit is not None else ""))
             data = bytearray(nbytes)
             view, done = memoryview(data), 0
             while done < nbytes:
                 n = f.readinto(view[done:])
                 if not n:
-                    raise _fail(path, f"{key} is truncated")
+                    raise fail_check(path, f"{key} is truncated")
                 done += n
             if f.read(1):
-                raise _fail(path, f"{key} has data after its array")
+                raise fail_check(path, f"{key} has data after its array")
     except CheckpointError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
-        raise _fail(path, f"{key}: {exc}") from None
+        raise fail_check(path, f"{key}: {exc}") from None
     array = np.frombuffer(data, dtype=found_dtype)
     return array.reshape(found_shape, order="F" if fortran else "C")
 
 
-def _meta_from(archive, members, path):
+def meta_from(archive, members, path):
     if "meta" not in members:
-        raise _fail(path, "it has no meta member")
+        raise fail_check(path, "it has no meta member")
     value = read_member(archive, members["meta"], path, "meta", shape=(), limit=META_LIMIT)
     if value.dtype.kind != "U":
-        raise _fail(path, f"meta is {value.dtype}, not text")
+        raise fail_check(path, f"meta is {value.dtype}, not text")
     try:
         meta = json.loads(str(value[()]))
     except (ValueError, RecursionError) as exc:
-        raise _fail(path, f"meta is not JSON: {exc}") from None
+        raise fail_check(path, f"meta is not JSON: {exc}") from None
     check_meta(meta, path)
     return meta
 
@@ -121,7 +121,7 @@ def read_meta(path):
     """The checked `meta` document of the checkpoint at `path`, reading nothing else."""
     archive, members = open_archive(path)
     with archive:
-        return _meta_from(archive, members, path)
+        return meta_from(archive, members, path)
 
 
 def _is_int(value, low=0, high=_INT64_MAX):
@@ -140,7 +140,7 @@ def check_meta(meta, path):
     """CheckpointError unless `meta` has every field a Solver restores, of the right type and range, and consistent
     (as many losses as iterations, an epoch count no larger than the iterations)."""
     if not isinstance(meta, dict):
-        raise _fail(path, f"meta is a {type(meta).__name__}, not a JSON object")
+        raise fail_check(path, f"meta is a {type(meta).__name__}, not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')!r}, this dpnet "
                               f"reads version {FORMAT_VERSION}")
@@ -164,16 +164,16 @@ def check_meta(meta, path):
     }
     for key, (ok, what) in rules.items():
         if key not in meta:
-            raise _fail(path, f"meta has no {key}")
+            raise fail_check(path, f"meta has no {key}")
         if not ok(meta[key]):
-            raise _fail(path, f"meta {key} must be {what}, got {json.dumps(meta[key])[:80]}")
+            raise fail_check(path, f"meta {key} must be {what}, got {json.dumps(meta[key])[:80]}")
     if len(meta["loss_history"]) != meta["iteration"]:
-        raise _fail(path, f"meta has {len(meta['loss_history'])} losses for {meta['iteration']} iterations")
+        raise fail_check(path, f"meta has {len(meta['loss_history'])} losses for {meta['iteration']} iterations")
     if meta["epoch"] > meta["iteration"] or len(meta["train_acc_history"]) != len(meta["val_acc_history"]):
-        raise _fail(path, f"meta epoch {meta['epoch']}, iteration {meta['iteration']} and its accuracy histories "
+        raise fail_check(path, f"meta epoch {meta['epoch']}, iteration {meta['iteration']} and its accuracy histories "
                           "do not fit together")
     if meta["best_val_acc"] not in meta["val_acc_history"] and meta["val_acc_history"]:
-        raise _fail(path, f"meta best_val_acc {meta['best_val_acc']} is none of the validation accuracies")
+        raise fail_check(path, f"meta best_val_acc {meta['best_val_acc']} is none of the validation accuracies")
 
 
 # ----------------------------------------------------------------------------------------------- against a Solver
@@ -186,7 +186,7 @@ def _header(archive, member, path, key):
                            else np.lib.format.read_array_header_2_0)
             shape, _, dtype = read_header(f, max_header_size=HEADER_LIMIT)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
-        raise _fail(path, f"{key}: {exc}") from None
+        raise fail_check(path, f"{key}: {exc}") from None
     return tuple(shape), dtype
 
 

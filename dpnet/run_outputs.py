@@ -90,10 +90,10 @@ def remove_stale_temporaries(folder):
 def write_atomically(path, write):
     """Call write(f) on a new temporary file next to `path`, fsync it and rename it to `path` (replacing a file or a
     symbolic link there, never writing through one). The temporary file is removed if anything fails."""
-    from .checkpoint import _new_temporary_file
+    from .checkpoint import new_temporary_file
 
     path = os.fspath(path)
-    fd, tmp = _new_temporary_file(os.path.dirname(os.path.abspath(path)), suffix=os.path.splitext(path)[1])
+    fd, tmp = new_temporary_file(os.path.dirname(os.path.abspath(path)), suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import registry
 from .records import Layer, signature_problem
-from .testing_layers import _array, _fail, _unchanged, check_kind, check_model, gradient_error
+from .testing_layers import check_array, fail_check, check_unchanged, check_kind, check_model, gradient_error
 
 __all__ = ["check_layer", "check_model", "check_plugin", "check_update_rule", "gradient_error"]
 
@@ -74,18 +74,18 @@ def _call_rule(rule, what, w, dw, config, step=""):
     w0, dw0 = w.copy(), dw.copy()
     result = rule(w, dw) if config is None else rule(w, dw, config)
     if not isinstance(result, tuple) or len(result) != 2:
-        _fail(what, f"must return a tuple (next_w, config){step}, got {type(result).__name__} {result!r:.80}")
+        fail_check(what, f"must return a tuple (next_w, config){step}, got {type(result).__name__} {result!r:.80}")
     next_w, config = result
-    _array(what, "next_w", next_w, w.shape, w.dtype)
+    check_array(what, "next_w", next_w, w.shape, w.dtype)
     if not isinstance(config, dict):
-        _fail(what, f"must return its config dict{step}, got {type(config).__name__}")
-    _unchanged(what, "w", w, w0)
-    _unchanged(what, "dw", dw, dw0)
+        fail_check(what, f"must return its config dict{step}, got {type(config).__name__}")
+    check_unchanged(what, "w", w, w0)
+    check_unchanged(what, "dw", dw, dw0)
     if not np.all(np.isfinite(next_w)):
-        _fail(what, f"produced non-finite weights{step}")
+        fail_check(what, f"produced non-finite weights{step}")
     for key, value in config.items():
         if not isinstance(value, _CONFIG_TYPES):
-            _fail(what, f"keeps {key!r} of type {type(value).__name__} in its config: keep only NumPy arrays and "
+            fail_check(what, f"keeps {key!r} of type {type(value).__name__} in its config: keep only NumPy arrays and "
                         f"scalars there, so that checkpoints can save the rule's state")
     return next_w, config
 
@@ -122,7 +122,7 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
     if problem is None:
         problem = signature_problem(rule, ("w", "dw"), "rule")
     if problem:
-        _fail(what, problem.replace("rule(w, dw)", "rule(w, dw, config=None)"))
+        fail_check(what, problem.replace("rule(w, dw)", "rule(w, dw, config=None)"))
     rng = np.random.default_rng(seed)
     user = dict(config or {})
 
@@ -130,12 +130,12 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
         w, dw = rng.standard_normal((4, 5)).astype(dtype), rng.standard_normal((4, 5)).astype(dtype)
         _call_rule(rule, what, w, dw, None if not user else copy.deepcopy(user), " when called without a config")
     if "learning_rate" not in _call_rule(rule, what, w, dw, None)[1]:
-        _fail(what, "must keep its learning_rate in the config (set a default with config.setdefault): the "
+        fail_check(what, "must keep its learning_rate in the config (set a default with config.setdefault): the "
                     "Solver decays it there")
     lr = 0.5 * _call_rule(rule, what, w, dw, None)[1]["learning_rate"]
     _, cfg = _call_rule(rule, what, w, dw, {**copy.deepcopy(user), "learning_rate": lr})
     if cfg.get("learning_rate") != lr:
-        _fail(what, f"was given learning_rate={lr!r} in its config but returned learning_rate="
+        fail_check(what, f"was given learning_rate={lr!r} in its config but returned learning_rate="
                     f"{cfg.get('learning_rate')!r}: hyper-parameters in the config must be honoured and kept")
 
     # A convex quadratic f(w) = 0.5 * sum(a * (w - c)**2), gradient a * (w - c).
@@ -156,13 +156,13 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
     w_end, _ = run(w_half, cfg_half, half, steps)
     w_resumed, _ = run(saved_w, saved_cfg, half, steps)
     if not np.allclose(w_resumed, w_end, rtol=1e-12, atol=0):
-        _fail(what, f"keeps state outside its config: continuing from a copy of the config after step {half} gave "
+        fail_check(what, f"keeps state outside its config: continuing from a copy of the config after step {half} gave "
                     f"weights differing by up to {np.max(np.abs(w_resumed - w_end)):.3g} from the uninterrupted "
                     f"run (keep every piece of state in the config dict, so that checkpoints and per-parameter "
                     f"configs work)")
     f_start, f_end = f(start), f(w_end)
     if not f_end <= (1 - 1e-3) * f_start:
-        _fail(what, f"does not decrease a convex quadratic: f went from {f_start:.6g} to {f_end:.6g} in {steps} "
+        fail_check(what, f"does not decrease a convex quadratic: f went from {f_start:.6g} to {f_end:.6g} in {steps} "
                     f"steps (config {user or 'defaults'}); check the sign of the step, or pass a config with a "
                     f"larger learning_rate")
     in_place = getattr(rule, "in_place", None)
@@ -172,7 +172,7 @@ def check_update_rule(rule, *, config=None, steps=200, seed=0):
             _check_w_scale(in_place, what, user, lambda w: a * (w - c), start)
     if getattr(rule, "elementwise", False):
         if in_place is None:
-            _fail(what, "declares rule.elementwise = True without an in-place variant: sharding its state over "
+            fail_check(what, "declares rule.elementwise = True without an in-place variant: sharding its state over "
                         "processes (Solver(shard_optimizer=True)) applies rule.in_place to segments")
         _check_elementwise(in_place, what, user, lambda w: a * (w - c), start)
 
@@ -191,9 +191,9 @@ def _check_elementwise(in_place, what, user, grad, start, steps=20):
         for (lo, hi), config in zip(zip(cut[:-1], cut[1:]), configs):
             in_place(flat[lo:hi], dw_flat[lo:hi], config)
         if not np.array_equal(flat, whole_w.reshape(-1)):
-            _fail(what, f"declares rule.elementwise = True but its update of flat segments differs from its update "
-                        f"of the whole array by up to {np.max(np.abs(flat - whole_w.reshape(-1))):.3g} at step "
-                        f"{t + 1}: an element's update must depend on that element alone")
+            fail_check(what, f"declares rule.elementwise = True but its update of flat segments differs from its "
+                             f"update of the whole array by up to {np.max(np.abs(flat - whole_w.reshape(-1))):.3g} "
+                             f"at step {t + 1}: an element's update must depend on that element alone")
 
 
 def _parameters(function):
@@ -214,10 +214,11 @@ def _check_w_scale(in_place, what, user, grad, start, steps=20):
         scaled_config = in_place(scaled, dw, scaled_config)[1]
         result = in_place(folded, dw, folded_config, w_scale=scale)
         if not (isinstance(result, tuple) and len(result) == 2 and result[0] is folded):
-            _fail(what, f"its in-place variant must return (w, config) with w itself when given w_scale (step {t + 1})")
+            fail_check(what, f"its in-place variant must return (w, config) with w itself when given w_scale "
+                             f"(step {t + 1})")
         folded_config = result[1]
         if not np.array_equal(folded, scaled):
-            _fail(what, f"its in-place variant takes w_scale but does not compute `w *= w_scale` and then the "
+            fail_check(what, f"its in-place variant takes w_scale but does not compute `w *= w_scale` and then the "
                         f"update: they differ by up to {np.max(np.abs(folded - scaled)):.3g} at step {t + 1}")
 
 
@@ -231,11 +232,12 @@ def _check_in_place(rule, in_place, what, user, grad, start, steps=20):
         dw0 = dw.copy()
         result = in_place(w, dw, config)
         if not (isinstance(result, tuple) and len(result) == 2 and result[0] is w):
-            _fail(what, f"its in-place variant must return (w, config) with w itself, updated in place (step {t + 1})")
+            fail_check(what, f"its in-place variant must return (w, config) with w itself, updated in place "
+                             f"(step {t + 1})")
         config = result[1]
-        _unchanged(what, "dw", dw, dw0)
+        check_unchanged(what, "dw", dw, dw0)
         if not np.allclose(w, pure_w, rtol=1e-12, atol=0):
-            _fail(what, f"its in-place variant differs from the rule by up to {np.max(np.abs(w - pure_w)):.3g} at "
+            fail_check(what, f"its in-place variant differs from the rule by up to {np.max(np.abs(w - pure_w)):.3g} at "
                         f"step {t + 1}: rule.in_place must compute what the rule computes")
 
 

@@ -29,7 +29,7 @@ def gradient_error(analytic, numerical):
     return float(np.linalg.norm(analytic - numerical) / denominator)
 
 
-def _fail(what, message):
+def fail_check(what, message):
     raise AssertionError(f"{what}: {message}")
 
 
@@ -37,39 +37,39 @@ def _compare(what, grad_name, analytic, numerical, tol, atol=0.0):
     """Assert that an analytic gradient matches the numerical one (relative error <= tol, or a difference
     ||analytic - numerical|| <= atol); the message says which and by how much."""
     if np.shape(analytic) != np.shape(numerical):
-        _fail(what, f"gradient {grad_name} has shape {np.shape(analytic)}, expected {np.shape(numerical)}")
+        fail_check(what, f"gradient {grad_name} has shape {np.shape(analytic)}, expected {np.shape(numerical)}")
     if not np.all(np.isfinite(analytic)):
-        _fail(what, f"gradient {grad_name} is not finite: {analytic!r}")
+        fail_check(what, f"gradient {grad_name} is not finite: {analytic!r}")
     error = gradient_error(analytic, numerical)
     diff = np.abs(np.asarray(analytic, dtype=np.float64) - numerical)
     if not (error <= tol or np.linalg.norm(diff) <= atol):
         worst = np.unravel_index(np.argmax(diff), diff.shape) if diff.ndim else ()
         noise = f" and ||analytic - numerical|| {np.linalg.norm(diff):.2e} > {atol:.2e}" if atol else ""
-        _fail(what, f"gradient {grad_name} is off: relative error {error:.2e} > {tol:.0e}{noise} (worst element "
+        fail_check(what, f"gradient {grad_name} is off: relative error {error:.2e} > {tol:.0e}{noise} (worst element "
                     f"{tuple(int(i) for i in worst)}: analytic {np.asarray(analytic)[worst]:.8g}, numerical "
                     f"{numerical[worst]:.8g})")
 
 
 def _pair(what, result, names, function="forward"):
     if not isinstance(result, tuple) or len(result) != 2:
-        _fail(what, f"{function} must return a tuple {names}, got {type(result).__name__} {result!r:.80}")
+        fail_check(what, f"{function} must return a tuple {names}, got {type(result).__name__} {result!r:.80}")
     return result
 
 
-def _array(what, name, value, shape, dtype):
+def check_array(what, name, value, shape, dtype):
     if not isinstance(value, np.ndarray):
-        _fail(what, f"{name} must be a NumPy array, got {type(value).__name__}")
+        fail_check(what, f"{name} must be a NumPy array, got {type(value).__name__}")
     if value.shape != shape:
-        _fail(what, f"{name} has shape {value.shape}, expected {shape}")
+        fail_check(what, f"{name} has shape {value.shape}, expected {shape}")
     if value.dtype != dtype:
-        _fail(what, f"{name} has dtype {value.dtype} for a {np.dtype(dtype)} input (dtypes must be preserved: a "
+        fail_check(what, f"{name} has dtype {value.dtype} for a {np.dtype(dtype)} input (dtypes must be preserved: a "
                     f"float32 model must not compute in float64)")
     return value
 
 
-def _unchanged(what, name, value, original):
+def check_unchanged(what, name, value, original):
     if not np.array_equal(value, original, equal_nan=True):
-        _fail(what, f"modified its input {name} in place (layers and rules must not modify their inputs)")
+        fail_check(what, f"modified its input {name} in place (layers and rules must not modify their inputs)")
 
 
 def _away_from_zero(rng, shape):
@@ -86,10 +86,10 @@ def _activation(layer, what, rng, x, tol, h):
         xd = x.astype(dtype)
         x0 = xd.copy()
         out, cache = _pair(what, layer.forward(xd), "(out, cache)")
-        _array(what, "out", out, xd.shape, xd.dtype)
+        check_array(what, "out", out, xd.shape, xd.dtype)
         dout = rng.standard_normal(xd.shape).astype(dtype)
-        dx = _array(what, "dx", layer.backward(dout, cache), xd.shape, xd.dtype)
-        _unchanged(what, "x", xd, x0)
+        dx = check_array(what, "dx", layer.backward(dout, cache), xd.shape, xd.dtype)
+        check_unchanged(what, "x", xd, x0)
     numerical = eval_numerical_gradient_array(lambda v: layer.forward(v)[0], x.copy(), dout, h=h)
     _compare(what, "dx", dx, numerical, tol)
 
@@ -104,24 +104,24 @@ def _normalization(layer, what, rng, x, tol, h):
         args = [a.astype(dtype) for a in (x, gamma, beta)]
         originals = [a.copy() for a in args]
         out, cache = _pair(what, layer.forward(*args, {"mode": "train"}), "(out, cache)")
-        _array(what, "out", out, x.shape, dtype)
+        check_array(what, "out", out, x.shape, dtype)
         dout = rng.standard_normal(x.shape).astype(dtype)
         grads = layer.backward(dout, cache)
         if not isinstance(grads, tuple) or len(grads) != 3:
-            _fail(what, f"backward must return a tuple (dx, dgamma, dbeta), got {type(grads).__name__}")
+            fail_check(what, f"backward must return a tuple (dx, dgamma, dbeta), got {type(grads).__name__}")
         for name, grad, arg in zip(("dx", "dgamma", "dbeta"), grads, args):
-            _array(what, name, grad, arg.shape, dtype)
+            check_array(what, name, grad, arg.shape, dtype)
         for name, arg, original in zip(("x", "gamma", "beta"), args, originals):
-            _unchanged(what, name, arg, original)
+            check_unchanged(what, name, arg, original)
 
     # Test mode after training mode, with the same param dict (as a model does).
     param = {"mode": "train"}
     layer.forward(x, gamma, beta, param)
     param["mode"] = "test"
     out, _ = _pair(what, layer.forward(x, gamma, beta, param), "(out, cache)")
-    _array(what, "out (test mode)", out, x.shape, np.float64)
+    check_array(what, "out (test mode)", out, x.shape, np.float64)
     if not np.all(np.isfinite(out)):
-        _fail(what, "forward in test mode gave non-finite values")
+        fail_check(what, "forward in test mode gave non-finite values")
 
     inputs = {"x": x, "gamma": gamma, "beta": beta}
     for name, grad in zip(("dx", "dgamma", "dbeta"), grads):
@@ -143,9 +143,9 @@ def _loss(layer, what, rng, x, tol, h):
         s0 = s.copy()
         loss, dscores = _pair(what, layer.forward(s, y), "(loss, dscores)")
         if np.ndim(loss) != 0 or not np.isfinite(loss):
-            _fail(what, f"loss must be a finite scalar, got {loss!r:.80}")
-        _array(what, "dscores", dscores, s.shape, s.dtype)
-        _unchanged(what, "scores", s, s0)
+            fail_check(what, f"loss must be a finite scalar, got {loss!r:.80}")
+        check_array(what, "dscores", dscores, s.shape, s.dtype)
+        check_unchanged(what, "scores", s, s0)
     numerical = eval_numerical_gradient(lambda v: layer.forward(v, y)[0], scores.copy(), verbose=False, h=h)
     _compare(what, "dscores", dscores, numerical, tol)
 
@@ -170,7 +170,7 @@ def _example(layer, what, x, in_dim, options):
     except ValueError:  # no inspectable signature: let the call say what is wrong
         pass
     if problem:
-        _fail(what, f"init cannot be called as init(in_dim, rng, dtype{''.join(f', {k}=...' for k in options)}) "
+        fail_check(what, f"init cannot be called as init(in_dim, rng, dtype{''.join(f', {k}=...' for k in options)}) "
                     f"({problem}): pass the options to check with, check_layer(layer, options={{...}}), or declare "
                     f"them on the init function, init.check_options = {{...}}")
     return in_dim, options
@@ -182,18 +182,18 @@ def _init(layer, what, in_dim, options, seed, dtype):
                    "(params, out_dim)", "init")
     params, out_dim = result
     if not isinstance(params, dict):
-        _fail(what, f"init must return its params as a dict name -> array, got {type(params).__name__}")
+        fail_check(what, f"init must return its params as a dict name -> array, got {type(params).__name__}")
     for key, value in params.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            _fail(what, f"init returned param {key!r} as {type(value).__name__}: params must map names (str) to "
+            fail_check(what, f"init returned param {key!r} as {type(value).__name__}: params must map names (str) to "
                         f"NumPy arrays")
         if value.dtype != dtype:
-            _fail(what, f"init returned param {key!r} of dtype {value.dtype} when asked for {np.dtype(dtype)} "
+            fail_check(what, f"init returned param {key!r} of dtype {value.dtype} when asked for {np.dtype(dtype)} "
                         f"(create every parameter with .astype(dtype) or dtype=dtype)")
     try:
         out_dim = tuple(int(d) for d in out_dim)
     except TypeError:
-        _fail(what, f"init must return out_dim as a tuple (one sample's output shape), got {out_dim!r:.80}")
+        fail_check(what, f"init must return out_dim as a tuple (one sample's output shape), got {out_dim!r:.80}")
     return params, out_dim
 
 
@@ -201,16 +201,16 @@ def _backward(layer, what, dout, cache, params, in_shape, dtype, **keywords):
     """Call backward and check (dx, grads): dx of x's shape, grads with exactly params' keys, shapes and dtype."""
     dx, grads = _pair(what, layer.backward(dout, cache, **keywords), "(dx, grads)", "backward")
     if dx is not None or keywords.get("need_dx", True):
-        _array(what, "dx", dx, in_shape, dtype)
+        check_array(what, "dx", dx, in_shape, dtype)
     if not isinstance(grads, dict):
-        _fail(what, f"backward must return its grads as a dict, got {type(grads).__name__}")
+        fail_check(what, f"backward must return its grads as a dict, got {type(grads).__name__}")
     if set(grads) != set(params):
         missing, extra = sorted(set(params) - set(grads)), sorted(set(grads) - set(params))
-        _fail(what, "backward's grads must have exactly the keys of params " + str(sorted(params)) + ": "
+        fail_check(what, "backward's grads must have exactly the keys of params " + str(sorted(params)) + ": "
               + "; ".join(part for part in (f"missing {missing}" if missing else "",
                                              f"extra {extra}" if extra else "") if part))
     for key, value in params.items():
-        _array(what, f"grads[{key!r}]", grads[key], value.shape, dtype)
+        check_array(what, f"grads[{key!r}]", grads[key], value.shape, dtype)
     return dx, grads
 
 
@@ -220,10 +220,10 @@ def _check_state(what, state):
         if key in _GIVEN_STATE:
             continue
         if not isinstance(value, np.ndarray):
-            _fail(what, f"keeps {key!r} of type {type(value).__name__} in its state: keep only float NumPy arrays "
+            fail_check(what, f"keeps {key!r} of type {type(value).__name__} in its state: keep only float NumPy arrays "
                         f"there (checkpoints save and restore those, and nothing else)")
         if value.dtype.kind != "f":
-            _fail(what, f"keeps {key!r} in its state as a {value.dtype} array: keep only float arrays there "
+            fail_check(what, f"keeps {key!r} in its state as a {value.dtype} array: keep only float arrays there "
                         f"(checkpoints save and restore those, and nothing else)")
 
 
@@ -243,11 +243,11 @@ def _layer(layer, what, rng, x, tol, h, in_dim=None, options=None, seed=0):
 
         def unchanged(inputs=inputs, originals=originals):
             for name, value in inputs.items():
-                _unchanged(what, name, value, originals[name])
+                check_unchanged(what, name, value, originals[name])
 
         train = state()
         out, cache = _pair(what, layer.forward(xd, params, train), "(out, cache)")
-        _array(what, "out", out, (x.shape[0], *out_dim), dtype)
+        check_array(what, "out", out, (x.shape[0], *out_dim), dtype)
         unchanged()
         dout = rng.standard_normal(out.shape).astype(dtype)
         dx, grads = _backward(layer, what, dout, cache, params, x.shape, dtype)
@@ -256,15 +256,15 @@ def _layer(layer, what, rng, x, tol, h, in_dim=None, options=None, seed=0):
         _check_fast_backward(layer, what, xd, dout, params, grads, state, dtype)
 
         train["mode"] = "test"  # after training, as a model evaluates: the same state, the rng not reseeded
-        first = _array(what, "out (test mode)", _pair(what, layer.forward(xd, params, train), "(out, cache)")[0],
+        first = check_array(what, "out (test mode)", _pair(what, layer.forward(xd, params, train), "(out, cache)")[0],
                        out.shape, dtype).copy()
         second = layer.forward(xd, params, train)[0]
         if not np.array_equal(first, second, equal_nan=True):
-            _fail(what, f"is not deterministic in test mode: two forward passes on the same input differ by up to "
+            fail_check(what, f"is not deterministic in test mode: two forward passes on the same input differ by up to "
                         f"{np.nanmax(np.abs(first.astype(np.float64) - second)):.3g} (draw random numbers only in "
                         f"train mode)")
         if not np.all(np.isfinite(first)):
-            _fail(what, "forward in test mode gave non-finite values")
+            fail_check(what, "forward in test mode gave non-finite values")
         unchanged()
         _check_state(what, train)
 
@@ -291,7 +291,7 @@ def _check_fast_backward(layer, what, x, dout, params, grads, state, dtype):
             if not _same(fast[key], grad):
                 call, hint = (("need_dx=False", "") if keyword == "need_dx" else
                               ("grads_out={...}", " (a grads_out array must be overwritten, not added to)"))
-                _fail(what, f"backward(dout, cache, {call}) gives grads[{key!r}] differing from backward(dout, "
+                fail_check(what, f"backward(dout, cache, {call}) gives grads[{key!r}] differing from backward(dout, "
                             f"cache){hint}")
 
 
@@ -378,16 +378,16 @@ def check_model(model, X=None, y=None, *, seed=0, tol=1e-7, h=1e-5, order=2, bat
     try:
         value, grads = _pair(what, loss(), "(loss, grads)", "loss(X, y)")
         if np.ndim(value) != 0 or not np.isfinite(value):
-            _fail(what, f"loss must be a finite scalar, got {value!r:.80}")
+            fail_check(what, f"loss must be a finite scalar, got {value!r:.80}")
         if not isinstance(grads, dict) or set(grads) != set(params):
-            _fail(what, f"grads must have exactly the keys of params {sorted(params)}, got "
+            fail_check(what, f"grads must have exactly the keys of params {sorted(params)}, got "
                         f"{sorted(grads) if isinstance(grads, dict) else type(grads).__name__}")
-        grads = {k: _array(what, f"grads[{k!r}]", g, params[k].shape, np.float64).copy() for k, g in grads.items()}
+        grads = {k: check_array(what, f"grads[{k!r}]", g, params[k].shape, np.float64).copy() for k, g in grads.items()}
         if accepts_keyword(model.loss, "grads"):
             given = loss(grads={k: np.full_like(v, np.nan) for k, v in params.items()})[1]
             for key in params:
                 if not _same(given[key], grads[key]):
-                    _fail(what, f"loss(X, y, grads=arrays) gives grads[{key!r}] differing from loss(X, y)")
+                    fail_check(what, f"loss(X, y, grads=arrays) gives grads[{key!r}] differing from loss(X, y)")
         noise = 10 * np.finfo(np.float64).eps * max(abs(float(value)), 1.0) / h
         for key, w in params.items():
             name, analytic = f"grads[{key!r}]", grads[key]
