@@ -635,7 +635,10 @@ def test_more_blas_threads_than_cores_are_refused_unless_forced(in_process, caps
 
 
 @pytest.mark.timeout(120)
-def test_sigterm_to_a_single_process_says_how_to_resume(cifar10_dir, dpnet_cache_dir, tmp_path):
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, train.EXIT_TERMINATED, r"terminated \(SIGTERM\)"),
+                                             (signal.SIGINT, train.EXIT_INTERRUPTED, "interrupted")],
+                         ids=["SIGTERM", "SIGINT (Ctrl-C)"])
+def test_a_signal_to_a_single_process_says_how_to_resume(sig, code, said, cifar10_dir, dpnet_cache_dir, tmp_path):
     logs = tmp_path / "logs"
     before = snapshot(tmp_path, logs)
     command = [sys.executable, "-m", "dpnet.train", *TINY, "--num-train", "1000", "--epochs", "1000", "--data-dir",
@@ -645,12 +648,12 @@ def test_sigterm_to_a_single_process_says_how_to_resume(cifar10_dir, dpnet_cache
         deadline = time.monotonic() + 60
         while not (logs / "last.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         kill_group(proc.pid)
-    assert proc.returncode == train.EXIT_TERMINATED, stderr
-    assert re.fullmatch(rf"\ndpnet-train: terminated \(SIGTERM\) at iteration \d+; resume with: python -m "
+    assert proc.returncode == code, stderr
+    assert re.fullmatch(rf"\ndpnet-train: {said} at iteration \d+; resume with: python -m "
                         rf"dpnet.train --resume {re.escape(str(logs / 'last.npz'))}\n", stderr), stderr
     _, meta = checkpoint(logs / "last.npz")  # intact (written atomically), and resumable
     assert meta["epoch"] >= 1 and not list(logs.glob(".tmp-*"))
