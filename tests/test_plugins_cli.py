@@ -86,7 +86,7 @@ def test_models_and_layers_of_kind_layer_are_listed(install, capsys):
 def test_broken_plugins_are_listed_with_their_errors_and_fail_the_command(install, capsys):
     install("good", "hook_raises", "collides_builtin")
     code, out = _run(capsys)
-    assert code == 1
+    assert code == 2
     assert re.search(r"^fxgood +dpnetfx-good +1\.0 +loaded +activation: fx_softsign$", out, re.M)
     assert re.search(r"^fxhookraises +dpnetfx-hook-raises +1\.0 +error +\(failed to load: see below\)$", out, re.M)
     errors = out.split("\nerrors:\n")[1]
@@ -96,7 +96,7 @@ def test_broken_plugins_are_listed_with_their_errors_and_fail_the_command(instal
     assert "provides activation 'relu', which collides with a built-in" in errors
 
     code, out = _run(capsys, "--json")
-    assert code == 1
+    assert code == 2
     listing = json.loads(out)
     statuses = {p["name"]: p["status"] for p in listing["plugins"]}
     assert statuses["fxgood"] == "loaded" and statuses["fxhookraises"] == statuses["fxrelu"] == "error"

@@ -2,7 +2,7 @@
 
 Prints each plugin's name, distribution, version, status and what it provides (layers by kind, update rules, models),
 dpnet's built-ins first; disabled plugins (``DPNET_DISABLE_PLUGINS``, ``DPNET_DISABLE_PLUGIN_AUTOLOAD``) and broken
-ones are listed too, with the reason. Exits with status 1 when a plugin is broken (so that CI notices), else 0.
+ones are listed too, with the reason. Exits with status 2 when a plugin is broken (so that CI notices), else 0.
 
 ``--json`` prints ``{"plugins": [{"name", "distribution", "version", "module", "builtin", "status", "reason",
 "layers": {kind: [names]}, "update_rules": [names], "models": [names]}, ...], "autoload": bool, "errors":
@@ -64,4 +64,4 @@ def main(argv=None):
                          indent=2))
     else:
         print(format_table(infos))
-    return 1 if errors else 0
+    return 2 if errors else 0  # a broken plugin is bad input, as for every other dpnet command
