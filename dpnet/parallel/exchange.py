@@ -12,7 +12,7 @@
   parameter (the whole of it when replicated, its block when sharded), then the parts are shared.
 - `summed_grads(whole)`: the summed gradients by name; sharded, None, or with whole=True the whole gradient gathered on
   rank 0 (collective). `grad_norm`: the summed gradient's norm when reduce computed it (sharded), else None.
-- `sharded`, `shared_memory`: which of the four exchanges below it is.
+- `sharded`, `shared_memory`: which of the exchanges below it is.
 - `whole_configs(configs)` (collective): the update rule's state of whole parameters, on rank 0 when sharded.
 - `final_arrays(params)`: arrays with params' values that outlive `release(params)` (collective), which frees the
   buffers and hands params arrays of their own.
@@ -23,10 +23,13 @@
 | SharedReplicatedExchange | whole, per rank | SharedSum in /dev/shm                   | identical updates     |
 | ShardedExchange          | a block per rank | MPI reduce-scatter                     | MPI allgather         |
 | SharedShardedExchange    | a block per rank | SharedSum in /dev/shm                  | one vector in /dev/shm |
+
+Across machines, with L >= 2 processes on each, the hierarchical exchanges (hierarchical.py) sum in each machine's
+/dev/shm and use MPI between the machines only: HierarchicalReplicatedExchange (shared_memory True),
+HierarchicalShardedExchange (one parameter vector per machine).
 """
 
 import weakref
-
 
 from .buffers import FusedBuffer
 from .node_memory import SharedSum
@@ -35,14 +38,20 @@ from .node_memory import SharedSum
 def make_exchange(comm, params, shard=False, shared_memory=True):
     """Collective: the exchange for `comm` and the model's `params` (name -> ndarray). `shard` keeps the update rule's
     state once per job (a block per process; the rule must be elementwise, see is_shardable); `shared_memory` sums in
-    memory the processes share when they all run on one machine (falling back to MPI when they cannot share)."""
+    memory the processes share: all of it when they run on one machine, each machine's part across machines with the
+    same number (at least 2) of processes on each (hierarchical.py), else (or when /dev/shm has no room) MPI alone."""
+    from .hierarchical import HierarchicalReplicatedExchange, HierarchicalShardedExchange
     from .sharded import SharedShardedExchange, ShardedExchange
 
     if comm.size == 1:
         return ReplicatedExchange(comm)
     if shard:
-        return (shared_memory and SharedShardedExchange.create(comm, params)) or ShardedExchange(comm, params)
-    return (shared_memory and SharedReplicatedExchange.create(comm, params)) or ReplicatedExchange(comm)
+        shared = shared_memory and (SharedShardedExchange.create(comm, params)
+                                    or HierarchicalShardedExchange.create(comm, params))
+        return shared or ShardedExchange(comm, params)
+    shared = shared_memory and (SharedReplicatedExchange.create(comm, params)
+                                or HierarchicalReplicatedExchange.create(comm, params))
+    return shared or ReplicatedExchange(comm)
 
 
 class ReplicatedExchange:
