@@ -154,8 +154,32 @@ NUM_VALIDATION = 1000
 NUM_TRAIN_MAX = 50000 - NUM_VALIDATION
 
 
+EXIT_BAD_INPUT = 2  # the exit code of every dpnet command given bad input
+
+
 class UsageError(Exception):
     """Bad input: the run ends with this message and exit code 2 before training starts."""
+
+
+def agree(comm, step, prog="dpnet-train"):
+    """Run step() on every process; if it raises UsageError on any, the first failing rank prints its message as
+    `prog: error: ...` and all exit with code 2 (one message, however many processes). Returns step()'s result."""
+    import sys
+
+    import numpy as np
+
+    try:
+        result, error = step(), None
+    except UsageError as exc:
+        result, error = None, str(exc)
+    failed = np.zeros(comm.size, dtype=np.int64)
+    failed[comm.rank] = error is not None
+    comm.allreduce(failed)
+    if failed.any():
+        if comm.rank == int(np.argmax(failed)):
+            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT)
+    return result
 
 
 def did_you_mean(value, choices):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UsageError, Parser
+from .config import EXIT_BAD_INPUT, Parser, UsageError, agree  # noqa: F401 (agree: the commands use it from here)
 
-EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+EXIT_INTERRUPTED = 130
 
 
 def parser(prog, description, rank=0):
@@ -43,23 +43,6 @@ def command(prog, run):
             return EXIT_INTERRUPTED
 
     return main
-
-
-def agree(comm, step, prog):
-    """Run step() on every process; if it raises UsageError on any, the first failing rank prints its message and
-    all exit with code 2 (one message, however many processes)."""
-    try:
-        result, error = step(), None
-    except UsageError as exc:
-        result, error = None, str(exc)
-    failed = np.zeros(comm.size, dtype=np.int64)
-    failed[comm.rank] = error is not None
-    comm.allreduce(failed)
-    if failed.any():
-        if comm.rank == int(np.argmax(failed)):
-            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_BAD_INPUT)
-    return result
 
 
 def open_model(path, which):

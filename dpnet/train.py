@@ -36,14 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import (MODEL_RUN_KEYS, OUTPUT_DIRS, NUM_VALIDATION, UsageError, shown, build_parser,
-                     resolve_dirs, to_toml)
+from .config import (MODEL_RUN_KEYS, NUM_VALIDATION, OUTPUT_DIRS, UsageError, agree, build_parser, resolve_dirs, shown,
+                     to_toml)
+from .config import DEFAULTS, EXIT_BAD_INPUT, LOCATION_KEYS, flag  # noqa: F401 (re-exported: tests, benchmarks)
 from .config_checks import check_config, model_keywords
-from .config import DEFAULTS, LOCATION_KEYS, flag  # noqa: F401 (re-exported: tests, benchmarks use them)
 from .config_sources import load_toml, resolve_config  # noqa: F401 (load_toml re-exported: tests use it)
 from .parallel.watchdog import EXIT_TIMEOUT  # noqa: F401 (an exit code of the command)
 
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OUTPUT_FAILED, EXIT_INTERRUPTED = 2, 3, 4, 130
+EXIT_DIVERGED, EXIT_OUTPUT_FAILED, EXIT_INTERRUPTED = 3, 4, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # (and EXIT_TIMEOUT, 124: a late process, dpnet.parallel.watchdog)
 
 
@@ -51,24 +51,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM in a single process: handled as Ctrl-C is (the run says how to resume), with exit code 143."""
 
 
-# ----------------------------------------------------------------------------------------------- collective checks
-def agree(comm, step):
-    """Run step() on every process; if it raises UsageError on any, all exit with code 2 and the first failing rank
-    prints its message (one message, however many processes)."""
-    try:
-        result, error = step(), None
-    except UsageError as exc:
-        result, error = None, str(exc)
-    failed = np.zeros(comm.size, dtype=np.int64)
-    failed[comm.rank] = error is not None
-    comm.allreduce(failed)
-    if failed.any():
-        if comm.rank == int(np.argmax(failed)):
-            print(f"dpnet-train: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_BAD_INPUT)
-    return result
-
-
+# ----------------------------------------------------------------------------------------------- the data
 def _data_error(exc):
     return UsageError(f"cannot load CIFAR-10: {exc}")
 

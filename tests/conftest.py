@@ -175,3 +175,15 @@ def install(site, clean_registry):
         registry.reset()
 
     return install
+
+
+@pytest.fixture
+def restore_blas_threads():
+    """Give back this process's BLAS thread pool after a test that ran the command line (or set_blas_threads) in
+    this process."""
+    yield
+    from dpnet.parallel import environment
+
+    if environment._blas_limits is not None:
+        environment._blas_limits.restore_original_limits()
+        environment._blas_limits = None

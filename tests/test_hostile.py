@@ -28,7 +28,7 @@ import pytest
 
 from dpnet import train
 from dpnet.parallel import environment
-from processes import group_alive, kill_group, run_in_group, start_in_group
+from processes import group_alive, kill_group, run_in_group, run_main, start_in_group
 
 
 def _test_train():
@@ -78,21 +78,12 @@ def one_error(err, expected):
     assert err.count("dpnet-train: error") == 1 and "Traceback" not in err, err
 
 
-@pytest.fixture(autouse=True)
-def _restore_blas_threads():
-    yield
-    if environment._blas_limits is not None:  # an in-process run limited this process's BLAS pool
-        environment._blas_limits.restore_original_limits()
-        environment._blas_limits = None
+pytestmark = pytest.mark.usefixtures("restore_blas_threads")  # main() in this process limits the BLAS pool
 
 
 def _main(argv, capsys):
     """train.main in this process: (exit code, stderr)."""
-    try:
-        code = train.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+    return run_main(train.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")

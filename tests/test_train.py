@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from dpnet import train
-from dpnet.parallel import environment
 from dpnet.checkpoint import load_checkpoint
 from dpnet.monitor import read_events, read_scalars
-from processes import run_in_group
+from processes import run_in_group, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 _LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "SLURM_", "HYDRA_")
@@ -273,21 +272,12 @@ def test_without_matplotlib_the_run_says_how_to_get_plots(cifar10_dir, dpnet_cac
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-@pytest.fixture(autouse=True)
-def _restore_blas_threads():
-    yield
-    if environment._blas_limits is not None:  # an in-process run limited this process's BLAS pool
-        environment._blas_limits.restore_original_limits()
-        environment._blas_limits = None
+pytestmark = pytest.mark.usefixtures("restore_blas_threads")  # main() in this process limits the BLAS pool
 
 
 def _main(argv, capsys):
-    """Run train.main in this process: (exit code, stderr)."""
-    try:
-        code = train.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+    """train.main in this process: (exit code, stderr)."""
+    return run_main(train.main, argv, capsys)
 
 
 def _toml(tmp_path, text):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import run_main
 
 from dpnet import config as dpconfig
 from dpnet import config_checks
 from dpnet import train
-from dpnet.parallel import environment
 
 
 def _test_train():
@@ -47,21 +47,12 @@ SPEC = [{"layer": "affine", "units": 40}, "batchnorm", "relu", {"layer": "dropou
 SPEC_TEXT = "affine:units=40,batchnorm,relu,dropout:keep=0.8,affine:units=10"
 
 
-@pytest.fixture(autouse=True)
-def _restore_blas_threads():
-    yield
-    if environment._blas_limits is not None:  # an in-process run limited this process's BLAS pool
-        environment._blas_limits.restore_original_limits()
-        environment._blas_limits = None
+pytestmark = pytest.mark.usefixtures("restore_blas_threads")  # main() in this process limits the BLAS pool
 
 
 def _main(argv, capsys):
-    """Run train.main in this process: (exit code, stderr)."""
-    try:
-        code = train.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+    """train.main in this process: (exit code, stderr)."""
+    return run_main(train.main, argv, capsys)
 
 
 def _toml(tmp_path, text, name="run.toml"):

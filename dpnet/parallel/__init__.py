@@ -20,8 +20,8 @@ from .node_memory import NodeSharedArray, SharedSum
 from .shared_copy import bcast_arrays, bcast_copy_on_write, is_mapped
 from .sharded import SharedShardedExchange, ShardedExchange, ShardError, check_shardable, is_shardable
 
-__all__ = ["FAULT_ENV", "FusedBuffer", "HierarchicalReplicatedExchange", "HierarchicalShardedExchange", "MPICommunicator",
-           "NodeGroups", "NodeSharedArray", "ReplicatedExchange", "SerialCommunicator",
+__all__ = ["FAULT_ENV", "FusedBuffer", "HierarchicalReplicatedExchange", "HierarchicalShardedExchange",
+           "MPICommunicator", "NodeGroups", "NodeSharedArray", "ReplicatedExchange", "SerialCommunicator",
            "ShardError", "SharedReplicatedExchange", "SharedShardedExchange", "SharedSum", "ShardedExchange",
            "as_communicator", "bcast_arrays", "bcast_copy_on_write", "block_counts", "check_buffer", "check_in_sync",
            "check_shardable", "fault_injection_point", "get_communicator", "install_abort_handler", "is_mapped",

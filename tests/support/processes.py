@@ -68,3 +68,14 @@ def run_in_group(command, timeout, **popen_kwargs):
     result = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     result.elapsed = time.monotonic() - start
     return result
+
+
+def run_main(main, argv, capsys):
+    """A command's main(argv) run in this process: (its exit code, what it wrote to stderr, read through pytest's
+    capsys)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
