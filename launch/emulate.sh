@@ -123,21 +123,11 @@ if [[ -z $remove ]] && [[ -n $(cluster_namespaces) || -e /dev/shm/$name ]]; then
     exit 1
 fi
 if [[ -z $remove ]]; then
-    PYTHON=${PYTHON:-$(command -v python3 || true)}
-    if [[ -z $PYTHON ]]; then
-        echo "emulate.sh: no python3 on PATH; set PYTHON=/absolute/path/to/python" >&2
-        exit 1
-    fi
-    [[ $PYTHON == /* ]] || PYTHON=$PWD/$PYTHON  # an absolute path, symlinks kept (a virtualenv's python is one)
-    if [[ -z ${MPIEXEC-} ]]; then
-        if [[ -x $(dirname "$PYTHON")/mpiexec ]]; then
-            MPIEXEC=$(dirname "$PYTHON")/mpiexec
-        else
-            MPIEXEC=$(command -v mpiexec || true)
-        fi
-    fi
-    if [[ -z $MPIEXEC ]] || "$MPIEXEC" --version 2>&1 | grep -qi "open mpi\|openrte"; then
-        echo "emulate.sh: needs MPICH's mpiexec (Hydra) next to $PYTHON or on PATH: pip install dpnet[mpi]," \
+    # shellcheck source=launch/find_mpi.sh
+    source "$(dirname "${BASH_SOURCE[0]}")/find_mpi.sh"
+    find_mpi emulate.sh
+    if "$MPIEXEC" --version 2>&1 | grep -qi "open mpi\|openrte"; then
+        echo "emulate.sh: needs MPICH's mpiexec (Hydra), got Open MPI's $MPIEXEC: pip install dpnet[mpi]," \
              "or set MPIEXEC" >&2
         exit 1
     fi

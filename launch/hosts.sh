@@ -25,23 +25,9 @@ fi
 n=$((10#$2))
 shift 2
 
-PYTHON=${PYTHON:-$(command -v python3 || true)}
-if [[ -z $PYTHON ]]; then
-    echo "hosts.sh: no python3 on PATH; set PYTHON=/absolute/path/to/python" >&2
-    exit 1
-fi
-[[ $PYTHON == /* ]] || PYTHON=$PWD/$PYTHON  # an absolute path, symlinks kept (a virtualenv's python is one)
-if [[ -z ${MPIEXEC-} ]]; then
-    if [[ -x $(dirname "$PYTHON")/mpiexec ]]; then
-        MPIEXEC=$(dirname "$PYTHON")/mpiexec
-    else
-        MPIEXEC=$(command -v mpiexec || true)
-    fi
-fi
-if [[ -z $MPIEXEC ]]; then
-    echo "hosts.sh: no mpiexec next to $PYTHON nor on PATH: pip install dpnet[mpi], or set MPIEXEC" >&2
-    exit 1
-fi
+# shellcheck source=launch/find_mpi.sh
+source "$(dirname "${BASH_SOURCE[0]}")/find_mpi.sh"
+find_mpi hosts.sh
 
 # MPICH's Hydra passes the whole environment to every process; Open MPI's mpirun passes only what -x names.
 args=()

@@ -15,25 +15,9 @@ fi
 n=$((10#$1))
 shift
 
-# mpiexec starts whatever "python" its own PATH finds first; an absolute path makes it this one. Symlinks are kept
-# as they are: a virtualenv's bin/python is a symlink, and resolving it would leave the virtualenv.
-PYTHON=${PYTHON:-$(command -v python3 || true)}
-if [[ -z $PYTHON ]]; then
-    echo "local.sh: no python3 on PATH; set PYTHON=/absolute/path/to/python" >&2
-    exit 1
-fi
-[[ $PYTHON == /* ]] || PYTHON=$PWD/$PYTHON
-if [[ -z ${MPIEXEC-} ]]; then
-    if [[ -x $(dirname "$PYTHON")/mpiexec ]]; then
-        MPIEXEC=$(dirname "$PYTHON")/mpiexec  # the mpich wheel's, installed with pip install dpnet[mpi]
-    else
-        MPIEXEC=$(command -v mpiexec || true)
-    fi
-fi
-if [[ -z $MPIEXEC ]]; then
-    echo "local.sh: no mpiexec next to $PYTHON nor on PATH: pip install dpnet[mpi], or set MPIEXEC" >&2
-    exit 1
-fi
+# shellcheck source=launch/find_mpi.sh
+source "$(dirname "${BASH_SOURCE[0]}")/find_mpi.sh"
+find_mpi local.sh
 
 cores=$(nproc)
 threads=${OPENBLAS_NUM_THREADS:-${OMP_NUM_THREADS:-$(( cores / n > 1 ? cores / n : 1 ))}}

@@ -232,11 +232,12 @@ def test_local_sh_rejects_a_bad_process_count(args, clean_env):
     assert "number of processes" in result.stderr and "usage" in result.stderr.lower()
 
 
-@pytest.mark.parametrize("script", ["local.sh", "hosts.sh", "slurm.sbatch"])
+@pytest.mark.parametrize("script", ["local.sh", "hosts.sh", "slurm.sbatch", "find_mpi.sh"])
 def test_launch_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True).returncode == 0
     shellcheck = require_program("shellcheck", "apt-get install shellcheck")
-    result = subprocess.run([shellcheck, "-s", "bash", str(LAUNCH / script)], capture_output=True, text=True)
+    result = subprocess.run([shellcheck, "-x", "-s", "bash", str(LAUNCH / script)], capture_output=True, text=True,
+                            cwd=REPO)  # -x: with launch/find_mpi.sh, which they source
     assert result.returncode == 0, result.stdout
 
 
