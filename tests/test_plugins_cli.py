@@ -9,6 +9,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from guide import example_files, printed_files
 from processes import run_in_group
 
 import dpnet
@@ -134,22 +135,9 @@ def test_python_dash_m(install, site):
 
 
 # ---------------------------------------------------------------------------------------------------- the guide
-def _guide_files():
-    """{path: text} of the files printed in docs/plugins.md (each code block after a `<!-- file: PATH -->`)."""
-    text = GUIDE.read_text()
-    blocks = re.findall(r"<!-- file: (\S+) -->\n[^\n]*\n\n(`{3,}|~{3,})[^\n]*\n(.*?)\n\2\n", text, re.S)
-    return {path: body + "\n" for path, _, body in blocks}
-
-
-def _example_files():
-    skip = {"__pycache__", "build", "dist", ".pytest_cache"}
-    return {str(p.relative_to(EXAMPLES)): p.read_text() for p in sorted(EXAMPLE.rglob("*"))
-            if p.is_file() and not skip & set(p.parts) and ".egg-info" not in str(p)}
-
-
 def test_guide_prints_every_file_of_the_example_exactly():
     """docs/plugins.md and docs/examples/dpnet-swish cannot drift: a newcomer copying the guide gets the example."""
-    printed, example = _guide_files(), _example_files()
+    printed, example = printed_files("file"), example_files(EXAMPLE)
     assert sorted(printed) == sorted(example)
     for path, text in example.items():
         assert printed[path] == text, f"docs/plugins.md prints a different {path} than docs/examples/{path}"
