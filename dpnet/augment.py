@@ -1,8 +1,9 @@
 """Data augmentation for image minibatches: random crops with padding and horizontal flips.
 
 The random choices for a whole global minibatch are drawn first (`draw`) and then applied to any slice of it
-(`apply`), so N processes that each hold a shard of the batch transform their rows exactly as one process would.
-Images are (N, C, H, W) floats after mean subtraction, so zero padding is padding with the mean image.
+(`apply`, or `take` straight from the training images), so N processes that each hold a shard of the batch transform
+their rows exactly as one process would. Images are (N, C, H, W) floats after mean subtraction, so zero padding is
+padding with the mean image.
 """
 
 from dataclasses import dataclass
@@ -30,6 +31,16 @@ class Augmentation:
         flips = rng.random(n) < self.flip_probability
         dy, dx = rng.integers(0, 2 * self.crop_padding + 1, size=(2, n))
         return flips, dy, dx
+
+    def take(self, images, rows, choices):
+        """apply(images[rows], choices): the rows of the training images, transformed. An ImageArray (uint8 images,
+        dpnet.data) crops and flips its uint8 pixels before converting them, which is faster and gives the same
+        values bit for bit."""
+        crops = getattr(images, "crops", None)
+        if crops is None:
+            return self.apply(images[rows], choices)
+        flips, dy, dx = choices
+        return crops(rows, flips, dy, dx, self.crop_padding)
 
     def apply(self, X, choices):
         """Transform the images X (n, C, H, W) by choices (from draw, sliced to the same n rows): a new array."""

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dpnet.augment import Augmentation
+from dpnet.data.images import ImageArray
 from dpnet.schedules import make_schedule
 
 
@@ -31,6 +32,24 @@ def test_shards_transform_like_the_whole_batch():
     whole = aug.apply(X, choices)
     parts = [aug.apply(X[a:b], tuple(c[a:b] for c in choices)) for a, b in ((0, 3), (3, 7), (7, 10))]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("padding", [0, 1, 4])
+def test_uint8_crops_give_the_converted_crops_bit_for_bit(dtype, padding):
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, size=(40, 3, 8, 6), dtype=np.uint8)
+    mean = rng.uniform(0, 255, size=(3, 8, 6))  # not representable in float32: the rounding is tested
+    images = ImageArray(raw, mean, dtype)
+    aug = Augmentation(crop_padding=padding)
+    rows = np.array([3, 3, 0, 39, 17, 5, 22, 8, 11, 30, 2, 19, 25, 36, 14, 7, 1, 33, 28])  # repeats, any order
+    choices = aug.draw(np.random.default_rng(4), len(rows))
+    expected = aug.apply(images[rows], choices)
+    got = aug.take(images, rows, choices)
+    assert got.dtype == expected.dtype == dtype and got.shape == expected.shape
+    assert np.array_equal(got.view(np.uint8), expected.view(np.uint8))  # every bit, padding zeros included
+    plain = rng.standard_normal((40, 3, 8, 6))  # not an ImageArray: take is apply
+    np.testing.assert_array_equal(aug.take(plain, rows, choices), aug.apply(plain[rows], choices))
 
 
 def test_draw_statistics():

@@ -1,8 +1,10 @@
 """ImageArray: uint8 images that look like the float array of mean-subtracted images, converted as rows are taken."""
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 _CHUNK_BYTES = 32 << 20  # float64 scratch memory per conversion step of a large ImageArray selection
+_CROP_CHUNK = 16  # images converted per step by ImageArray.crops: their float64 scratch stays in the L2 cache
 
 
 def check_float_dtype(dtype, argname="dtype"):
@@ -43,6 +45,7 @@ class ImageArray:
         self._raw.flags.writeable = False
         self._mean = mean
         self._dtype = check_float_dtype(dtype)
+        self._shifted_means_cache = {}
 
     raw = property(lambda self: self._raw, doc="the uint8 images, (N, 3, 32, 32), read-only")
     mean_image = property(lambda self: self._mean, doc="the float64 image subtracted from every image, (3, 32, 32)")
@@ -78,6 +81,55 @@ class ImageArray:
         if dtype is None or np.dtype(dtype).kind == "f":
             return (self if dtype is None else self.astype(dtype))._convert(self._raw)
         return self._convert(self._raw).astype(dtype)
+
+    def crops(self, rows, flips, dy, dx, padding):
+        """Images `rows` padded with `padding` zeros (the mean image, once subtracted), cropped to their size at
+        offsets (dy, dx) and mirrored left-right where `flips`: an ndarray (len(rows), C, H, W) of self.dtype.
+
+        The same values bit for bit as converting first and then padding, cropping and flipping the floats
+        (dpnet.augment.Augmentation.apply), but the crops and flips move uint8 pixels, and each pixel and its
+        (shifted) mean are converted once. rows: integer indices; flips: bool; dy, dx: integers in [0, 2 * padding].
+        """
+        rows, flips = np.asarray(rows), np.asarray(flips, dtype=bool)
+        dy, dx = np.asarray(dy), np.asarray(dx)
+        n, p = len(rows), int(padding)
+        if self._raw.ndim != 4:
+            raise ValueError(f"crops needs images of shape (N, C, H, W), got {self._raw.shape}")
+        _, C, H, W = self._raw.shape
+        padded = np.zeros((n, C, H + 2 * p, W + 2 * p), dtype=np.uint8)
+        padded[:, :, p:p + H, p:p + W] = self._raw[rows]
+        # The mirror image of the crop at column dx is the crop at column 2p - dx of the mirrored padded image.
+        column = np.where(flips, 2 * p - dx, dx)
+        pixels = np.empty((n, C, H, W), dtype=np.uint8)
+        for flip in (False, True):
+            chosen = np.flatnonzero(flips == flip)
+            source = padded[..., ::-1] if flip else padded
+            windows = sliding_window_view(source, (H, W), axis=(2, 3))  # (n, C, 2p+1, 2p+1, H, W), no copy
+            pixels[chosen] = windows[chosen, :, dy[chosen], column[chosen]]
+        means = self._shifted_means(p)
+        out = np.empty((n, C, H, W), dtype=self._dtype)
+        for start in range(0, n, _CROP_CHUNK):
+            part = slice(start, start + _CROP_CHUNK)
+            scratch = means[flips[part].astype(np.intp), dy[part], column[part]]  # float64 (k, C, H, W)
+            np.subtract(pixels[part], scratch, out=scratch)
+            out[part] = scratch
+        return out
+
+    def _shifted_means(self, padding):
+        """float64 (2, 2p+1, 2p+1, C, H, W): the mean image padded with zeros, cropped at every offset (dy, dx),
+        unmirrored [0] and mirrored [1], as `crops` indexes it. Computed once per padding."""
+        cache = self._shifted_means_cache
+        if padding not in cache:
+            p, (C, H, W) = padding, self._mean.shape
+            padded = np.zeros((C, H + 2 * p, W + 2 * p))
+            padded[:, p:p + H, p:p + W] = self._mean
+            table = np.empty((2, 2 * p + 1, 2 * p + 1, C, H, W))
+            for flip, source in enumerate((padded, padded[..., ::-1])):
+                windows = sliding_window_view(source, (H, W), axis=(1, 2))  # (C, 2p+1, 2p+1, H, W)
+                table[flip] = windows.transpose(1, 2, 0, 3, 4)
+            table.flags.writeable = False
+            cache[padding] = table
+        return cache[padding]
 
     def _take_elements(self, idx):
         """X[idx] for a tuple idx (rows and more): index raw and the broadcast mean alike, then convert."""
