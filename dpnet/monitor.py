@@ -50,7 +50,8 @@ class Monitor:
 class TensorBoardMonitor(Monitor):
     """Writes a run's TensorBoard event file in `logdir` (steps are the Solver's 1-based iteration counter).
 
-    - every iteration: scalars `train/loss`, `train/learning_rate`, `train/grad_norm`, `train/samples_per_sec`
+    - every `log_every` iterations (and the first): scalars `train/loss`, `train/learning_rate`, `train/grad_norm`,
+      `train/samples_per_sec` of that iteration (the gradient norm, a pass over every gradient, is computed only then)
     - every epoch: scalars `accuracy/train`, `accuracy/val`; histograms `weights/<param>` and `gradients/<param>`
       (the gradient of the epoch's last minibatch) of every parameter; then the file is flushed
     - at the start: the configuration as text (tag `config`), when `config_text` is given
@@ -61,7 +62,10 @@ class TensorBoardMonitor(Monitor):
     step on. Gradient histograms use `info['grads']` of the epoch's last iteration.
     """
 
-    def __init__(self, logdir, config_text=None, purge_step=None):
+    def __init__(self, logdir, config_text=None, purge_step=None, log_every=10):
+        if int(log_every) != log_every or log_every < 1:
+            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+        self.log_every = int(log_every)
         self.logdir = os.fspath(logdir)
         self.config_text = config_text
         self.purge_step = purge_step
@@ -134,11 +138,13 @@ class TensorBoardMonitor(Monitor):
 
     def on_iteration_end(self, solver, info):
         step = info["iteration"]
+        self._grads = info["grads"]
+        if step % self.log_every and step != 1:
+            return
         self.scalar("train/loss", info["loss"], step)
         self.scalar("train/learning_rate", info["learning_rate"], step)
         self.scalar("train/grad_norm", info["grad_norm"], step)
         self.scalar("train/samples_per_sec", info["samples_per_sec"], step)
-        self._grads = info["grads"]
 
     def on_epoch_end(self, solver, info):
         step = info["iteration"]

@@ -137,16 +137,19 @@ class Solver:
         mine = self._my_rows(n)
         order = np.argsort(indices[mine])  # sorted rows gather faster; the mean does not depend on order
         shard = indices[mine][order]
-        X = self.X_train[shard]
-        if self.augment is not None:
+        if self.augment is None:
+            X = self.X_train[shard]
+        else:
             choices = self.augment.draw(self._augment_rng, n)
-            X = self.augment.apply(X, tuple(c[mine][order] for c in choices))
+            X = self.augment.take(self.X_train, shard, tuple(c[mine][order] for c in choices))
         return X, self.y_train[shard], n
 
     def _step(self):
         """One update: this shard's gradients, summed over the processes by the exchange, then the update rule.
-        Returns (loss, the summed gradients or None, the global batch size)."""
+        Returns (loss, the summed gradients or None, the global batch size, the seconds of each phase)."""
+        start = time.perf_counter()
         X, y, batch = self._minibatch()
+        drawn = time.perf_counter()
         fault_injection_point(self.comm, self.iteration)
         if self._exchange is None:
             self._exchange = make_exchange(self.comm, self.model.params, self.shard_optimizer, self.shared_memory)
@@ -159,12 +162,16 @@ class Solver:
             loss, grads = self._gradients(X, y)
         except FloatingPointError as exc:
             raise FloatingPointError(f"{exc}, at iteration {self.iteration + 1}") from exc
+        computed = time.perf_counter()
         loss = self._exchange.reduce(loss, grads, len(y) / batch)
         if not np.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at iteration {self.iteration + 1}: stopping "
                                      "(try a smaller learning rate)")
+        reduced = time.perf_counter()
         self._exchange.update(self.model.params, self.optim_configs, self._apply_rule)
-        return float(loss), self._exchange.summed_grads(), batch
+        phases = dict(batch=drawn - start, gradients=computed - drawn, exchange=reduced - computed,
+                      update=time.perf_counter() - reduced)
+        return float(loss), self._exchange.summed_grads(), batch, phases
 
     def _gradients(self, X, y):
         """model.loss(X, y), writing into the exchange's buffer when the model's loss takes `grads` (and its
@@ -235,7 +242,7 @@ class Solver:
         self._notify("on_train_begin", self)
         while self.iteration < num_iterations and not self._stop_requested:
             start = time.perf_counter()
-            loss, grads, batch = self._step()
+            loss, grads, batch, phases = self._step()
             seconds = time.perf_counter() - start
             self.loss_history.append(loss)
             self.iteration += 1
@@ -244,12 +251,11 @@ class Solver:
             if grads is None and epoch_end and self._watched:  # sharded: the epoch's last gradient, for monitors
                 grads = self._exchange.summed_grads(whole=True)
             if self.monitors:
-                norm = (self._exchange.grad_norm if grads is None
-                        else np.sqrt(sum(np.vdot(g, g) for g in grads.values())))
-                self._notify("on_iteration_end", self, dict(
+                self._notify("on_iteration_end", self, IterationInfo(
                     iteration=t, epoch=self.epoch, loss=loss, learning_rate=self.learning_rate, grads=grads,
-                    grad_norm=float(norm), batch_size=batch, step_seconds=seconds,
-                    samples_per_sec=batch / seconds if seconds > 0 else float("inf")))
+                    batch_size=batch, step_seconds=seconds, phase_seconds=phases,
+                    samples_per_sec=batch / seconds if seconds > 0 else float("inf"),
+                    _grad_norm=self._exchange.grad_norm))
             if epoch_end:
                 self.epoch += 1
                 for config in self.optim_configs.values():
@@ -344,3 +350,22 @@ class Solver:
             handler = getattr(monitor, event, None)
             if handler is not None:
                 handler(*args)
+
+
+class IterationInfo(dict):
+    """The `info` of on_iteration_end: a dict whose `grad_norm` (the summed gradient's norm: a pass over every
+    gradient) is computed when a monitor first reads info["grad_norm"], so a step whose monitors do not read it
+    spends nothing on it. info.get("grad_norm") does not compute it."""
+
+    def __init__(self, _grad_norm=None, **items):
+        super().__init__(items)
+        self._known_norm = _grad_norm  # the exchange's, when its reduce computed it (sharded)
+
+    def __missing__(self, key):
+        if key != "grad_norm":
+            raise KeyError(key)
+        grads = self["grads"]
+        norm = self._known_norm if grads is None else np.sqrt(sum(np.vdot(g, g) for g in grads.values()))
+        self[key] = float(norm)
+        return self[key]
+

@@ -33,7 +33,7 @@ def _solver(monitors, num_epochs=3, **kwargs):
 
 
 def test_tensorboard_monitor_logs_scalars_histograms_and_hparams(tmp_path):
-    tb = TensorBoardMonitor(tmp_path, config_text="lr = 0.01")
+    tb = TensorBoardMonitor(tmp_path, config_text="lr = 0.01", log_every=1)
     solver = _solver([tb]).train()
     tb.write_hparams({"lr": 0.01, "hidden_dims": "16"}, {"hparam/test_accuracy": 0.5}, solver.iteration)
     tb.close()
@@ -55,6 +55,24 @@ def test_tensorboard_monitor_logs_scalars_histograms_and_hparams(tmp_path):
         assert histograms[f"gradients/{name}"] == [(4, param.size), (8, param.size), (12, param.size)]
     assert {"config/text_summary", "_hparams_/experiment", "_hparams_/session_start_info"} <= tags
     assert "loss" not in vars(solver.model)  # the gradient capture is undone at the end
+
+
+def test_scalars_every_log_every_iterations_and_the_norm_only_then(tmp_path):
+    norms_computed = []
+
+    class Spy:  # reads what the TensorBoard monitor has read: grad_norm is in info only once someone asked for it
+        def on_iteration_end(self, solver, info):
+            norms_computed.append("grad_norm" in info.keys())
+
+    tb = TensorBoardMonitor(tmp_path, log_every=5)
+    solver = _solver([tb, Spy()]).train()
+    tb.close()
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 5, 10]
+    assert [s for s, _ in scalars["train/grad_norm"]] == [1, 5, 10]
+    assert norms_computed == [t in (1, 5, 10) for t in range(1, solver.iteration + 1)]
+    with pytest.raises(ValueError, match="log_every"):
+        TensorBoardMonitor(tmp_path, log_every=0)
 
 
 def test_the_gradients_logged_are_those_of_the_last_update(tmp_path):

@@ -450,7 +450,7 @@ def test_gradients_go_straight_into_one_reused_buffer(data):
         solver._step()
         tracemalloc.start()
         try:
-            _, grads, _ = solver._step()
+            _, grads, _, _ = solver._step()
             return grads, tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
