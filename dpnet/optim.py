@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-BLOCK_BYTES = 1 << 19  # the in-place rules update their arrays in blocks of this size (see _blocks)
+BLOCK_BYTES = 1 << 17  # the in-place rules update their arrays in blocks of this size (see _blocks)
 
 
 def _config(config, **defaults):

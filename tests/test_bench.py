@@ -6,6 +6,7 @@ group of its own that is killed whole if it outlives its timeout. The figures ar
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -170,6 +171,28 @@ def test_recipe_step_benchmark_runs(clean_env, cifar10_dir):
     assert lines[1].split() == ["variant", "ms/step", "images/s", "vs", "one"]
     name, ms, images, ratio = lines[2].split()
     assert name == "one" and float(ms) > 0 and float(images) > 0 and ratio == "1.000"
+
+
+def test_recipe_benchmark_runs(clean_env, cifar10_dir, mpiexec, tmp_path):
+    """benchmarks/bench_recipe.py, tiny: dpnet on 1 and 2 processes (PyTorch too when it is installed, else its rows
+    say how to install it); every row has images/s and the phases, and the JSON holds each step's record."""
+    path = tmp_path / "recipe.json"
+    out = run_script(clean_env, "bench_recipe.py", "--data-dir", cifar10_dir, "--steps", "4", "--warmup", "1",
+                     "--rounds", "1", "--processes", "1", "2", "--json", path, timeout=300)
+    results = json.loads(path.read_text())
+    assert list(results["summary"]) == ["dpnet x1", "pytorch x1", "dpnet x2", "pytorch x2"]
+    torch_installed = importlib.util.find_spec("torch") is not None
+    for name, row in results["summary"].items():
+        if name.startswith("pytorch") and not torch_installed:
+            assert "pip install torch==2.13.0" in row["hint"] and name + " " * (16 - len(name)) + "PyTorch" in out
+            continue
+        assert row["images_per_sec"] > 0 and row["wall"] > 0
+        assert len(results["steps"][name]) == 2  # 4 steps: 3 gaps between step ends, 1 left out
+        for step in results["steps"][name]:
+            phases = sum(step[p] for p in ("batch", "gradients", "exchange", "update", "bookkeeping"))
+            assert step["wall"] == pytest.approx(phases) and min(step["batch"], step["gradients"]) > 0
+    assert re.search(r"^dpnet 2 processes / 1: \d+\.\d\dx$", out, flags=re.M)
+    assert results["environment"]["cpu"] in out
 
 
 def test_shared_sum_benchmark_runs(clean_env, mpiexec):
