@@ -36,11 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from bench_sections.common import TORCH_HINT, progress  # noqa: E402
-from bench_sections.workers import mpiexec, run  # noqa: E402
+from bench_sections.common import TORCH_HINT, progress
+from bench_sections.workers import mpiexec, run
 
 PHASES = ("batch", "gradients", "exchange", "update", "bookkeeping")
 
