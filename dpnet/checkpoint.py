@@ -2,10 +2,12 @@
 
 Arrays are stored under `param/<name>`, `best/<name>`, `norm/<i>/<key>` (normalization state such as running
 statistics), `best_norm/<i>/<key>` (the normalization state that went with the best parameters),
-`optim/<name>/<key>` (update-rule state), `epoch_order` and `mean_image` (the float64 image subtracted from the
-training images, when they carry one); everything else (counters, histories, scalars of the rule configs, the seed,
-the run's configuration, and what dpnet.loading needs to rebuild the model: its architecture and the plugins
-providing its layers) is one JSON document under `meta`.
+`optim/<name>/<key>` (update-rule state), `ema/<name>` and `ema_norm/<i>/<key>` (the average of the parameters and
+normalization state, dpnet.ema, when the Solver keeps one), `epoch_order` and `mean_image` (the float64 image
+subtracted from the training images, when they carry one); everything else (counters, histories, scalars of the rule
+configs, the seed, the run's configuration, and what dpnet.loading needs to rebuild the model: its architecture and the
+plugins providing its layers) is one JSON document under `meta`; with an average also `ema_val_acc_history`,
+`ema_iteration` (the step it last took in) and `best_source` ("live" or "ema": where the best parameters come from).
 Floats round-trip exactly through JSON, and the Solver derives its random streams from (seed, epoch), so a run
 resumed from a checkpoint taken at an epoch boundary continues bit for bit.
 """
@@ -45,6 +47,15 @@ def solver_state(solver, config=None):
     arrays.update({f"best_norm/{name}": value for name, value in solver.best_norm_state.items()})
     for i, param in enumerate(getattr(model, "bn_params", [])):
         arrays.update({f"norm/{i}/{key}": value for key, value in param.items() if isinstance(value, np.ndarray)})
+    average = {}
+    if getattr(solver, "ema", None) is not None:
+        from .model_state import split_state
+
+        params, norm = split_state(solver.ema.arrays)
+        arrays.update({f"ema/{name}": value for name, value in params.items()})
+        arrays.update({f"ema_norm/{name}": value for name, value in norm.items()})
+        average = dict(ema_val_acc_history=[float(v) for v in solver.ema_val_acc_history],
+                       ema_iteration=solver.ema.iteration, best_source=solver.best_source)
     optim_scalars = {}
     for name, cfg in solver.optimizer_state().items():
         cfg_arrays, optim_scalars[name] = _split_config(cfg)
@@ -66,7 +77,7 @@ def solver_state(solver, config=None):
         val_acc_history=[float(v) for v in solver.val_acc_history],
         optim_scalars=optim_scalars, seed=solver.seed, num_processes=solver.comm.size,
         batch_size=solver.batch_size, num_epochs=solver.num_epochs,
-        config=config or {}, **model_record(model, config),
+        config=config or {}, **model_record(model, config), **average,
     )
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
@@ -156,5 +167,13 @@ def restore_checkpoint(solver, path):
     solver.loss_history = list(meta["loss_history"])
     solver.train_acc_history = list(meta["train_acc_history"])
     solver.val_acc_history = list(meta["val_acc_history"])
+    if getattr(solver, "ema", None) is not None:  # without an average saved, it starts from these parameters
+        from .model_state import whole_state
+
+        saved = whole_state(*({key.split("/", 1)[1]: value for key, value in arrays.items() if key.startswith(prefix)}
+                              for prefix in ("ema/", "ema_norm/")))
+        solver.ema.restore(saved, meta.get("ema_iteration", meta["iteration"]))
+        solver.ema_val_acc_history = list(meta.get("ema_val_acc_history", []))
+    solver.best_source = meta.get("best_source", "live" if meta["val_acc_history"] else None)
     solver.seed = meta["seed"]
     return meta["config"]

@@ -172,8 +172,27 @@ def check_meta(meta, path):
     if meta["epoch"] > meta["iteration"] or len(meta["train_acc_history"]) != len(meta["val_acc_history"]):
         raise fail_check(path, f"meta epoch {meta['epoch']}, iteration {meta['iteration']} and its accuracy histories "
                           "do not fit together")
-    if meta["best_val_acc"] not in meta["val_acc_history"] and meta["val_acc_history"]:
+    _check_average_meta(meta, path)
+    scored = meta["val_acc_history"] + meta.get("ema_val_acc_history", [])
+    if meta["best_val_acc"] not in scored and meta["val_acc_history"]:
         raise fail_check(path, f"meta best_val_acc {meta['best_val_acc']} is none of the validation accuracies")
+
+
+def _check_average_meta(meta, path):
+    """The optional fields of a checkpoint with an average of the parameters (dpnet.ema): ema_val_acc_history (as
+    many fractions as val_acc_history, or fewer when the average was started by a resumed run), ema_iteration (the step
+    it last took in) and best_source ("live" or "ema", null before any evaluation)."""
+    history = meta.get("ema_val_acc_history", [])
+    if not (isinstance(history, list) and all(map(_is_fraction, history))
+            and len(history) <= len(meta["val_acc_history"])):
+        raise fail_check(path, f"meta ema_val_acc_history must be a list of at most {len(meta['val_acc_history'])} "
+                         f"fractions, got {json.dumps(history)[:80]}")
+    if not _is_int(meta.get("ema_iteration", 0), 0, meta["iteration"]):
+        raise fail_check(path, f"meta ema_iteration must be an integer in [0, {meta['iteration']}], got "
+                         f"{json.dumps(meta.get('ema_iteration'))[:80]}")
+    if meta.get("best_source") not in ("live", "ema", None) or (meta.get("best_source") == "ema" and not history):
+        raise fail_check(path, f"meta best_source must be \"live\", or \"ema\" with an ema_val_acc_history, got "
+                         f"{json.dumps(meta.get('best_source'))[:80]}")
 
 
 # ----------------------------------------------------------------------------------------------- against a Solver
@@ -240,6 +259,10 @@ def expected_arrays(solver, meta):
     for key, value in norm_state(model).items():
         expected[f"norm/{key}"] = (value.shape, value.dtype, True)
         expected[f"best_norm/{key}"] = (value.shape, value.dtype, evaluated)
+    if getattr(solver, "ema", None) is not None:  # an average: restored if saved (else started afresh)
+        expected.update({f"ema/{name}": (w.shape, w.dtype, False) for name, w in model.params.items()})
+        expected.update({f"ema_norm/{key}": (value.shape, value.dtype, False)
+                         for key, value in norm_state(model).items()})
     states = {dtype: _rule_state(solver.rule, solver.optim_config, dtype)
               for dtype in {w.dtype for w in model.params.values()}}
     for name, w in model.params.items():
@@ -256,7 +279,8 @@ def _optional_member(key, model, scalar_types):
     parts = key.split("/")
     biggest = max((w.nbytes for w in model.params.values()), default=0)
     layers = len(getattr(model, "bn_params", []))
-    if parts[0] in ("norm", "best_norm") and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < layers:
+    if (parts[0] in ("norm", "best_norm", "ema_norm") and len(parts) == 3 and parts[1].isdigit()
+            and int(parts[1]) < layers):
         dtype = next(iter(model.params.values())).dtype
         return None, dtype, biggest
     if parts[0] == "optim" and len(parts) == 3 and parts[1] in model.params:
@@ -273,14 +297,17 @@ def checked_arrays(archive, members, path, solver, meta):
     model = solver.model
     _check_model(archive, members, path, model, meta)
     expected, scalar_types = expected_arrays(solver, meta)
+    averaged = getattr(solver, "ema", None) is not None
     arrays = {}
     for key, member in members.items():
+        if key.startswith(("ema/", "ema_norm/")) and not averaged:
+            continue  # the saved average of a run that kept one: this Solver keeps none
         if key in expected:
             shape, dtype, _ = expected[key]
             limit = None if dtype is None else math.prod(shape) * np.dtype(dtype).itemsize
             arrays[key] = read_member(archive, member, path, key, shape, dtype, limit if key != "epoch_order" else
                                       math.prod(shape) * 8)
-        elif key.startswith(("param/", "best/", "norm/", "best_norm/", "optim/")):
+        elif key.startswith(("param/", "best/", "norm/", "best_norm/", "optim/", "ema/", "ema_norm/")):
             optional = _optional_member(key, model, scalar_types)
             if optional is None:
                 raise CheckpointError(f"checkpoint {path}: {key} is no part of this model's or update rule's state")
@@ -315,6 +342,12 @@ def _check_values(path, arrays, model, meta, solver):
     if best and best_norm != norm:
         raise CheckpointError(f"checkpoint {path}: the normalization state kept with the best parameters differs "
                               f"from the current one: {', '.join(sorted(norm ^ best_norm))}")
+    average = {key.split("/", 1)[1] for key in arrays if key.startswith("ema/")}
+    average_norm = {key.split("/", 1)[1] for key in arrays if key.startswith("ema_norm/")}
+    if (average or average_norm) and (average != set(model.params) or average_norm != norm):
+        differ = (set(model.params) ^ average) | (norm ^ average_norm)
+        raise CheckpointError(f"checkpoint {path}: its average of the parameters (ema/, ema_norm/) is not the whole "
+                              f"state of the model: {', '.join(sorted(differ))}")
     for name in model.params:  # a rule keeps all its state for every parameter, or none yet
         keys = {key for key in arrays if key.startswith(f"optim/{name}/")}
         if meta["iteration"] > 0 and not keys and any(key.startswith("optim/") for key in arrays):

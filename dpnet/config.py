@@ -49,6 +49,12 @@ DEFAULTS = dict(
     label_smoothing=0.1,
     augment=True,
     crop_padding=4,
+    mixup=0.0,
+    cutmix=0.0,
+    mix_probability=1.0,
+    cutmix_probability=0.5,
+    ema=0.0,
+    ema_every=1,
     batch_size=256,
     epochs=100,
     dtype="float32",
@@ -104,6 +110,20 @@ FLAGS = {
     "label_smoothing": ("float", "label smoothing of the softmax loss: the target puts this mass on all classes"),
     "augment": ("bool", "augment training images: random crops with --crop-padding and horizontal flips"),
     "crop_padding": ("int", "padding in pixels of the random crops of --augment"),
+    "mixup": ("float", "MixUp: each training image is blended with a partner from its batch, lam * image + "
+                       "(1 - lam) * partner with lam ~ Beta(ALPHA, ALPHA), and its label alike (soft targets; softmax "
+                       "loss); 0: off"),
+    "cutmix": ("float", "CutMix: a box of a partner image from the batch is pasted into each training image, covering "
+                        "1 - lam of it with lam ~ Beta(ALPHA, ALPHA), the labels mixed by the area (softmax loss); "
+                        "0: off"),
+    "mix_probability": ("float", "the probability that a batch is mixed by --mixup or --cutmix"),
+    "cutmix_probability": ("float", "with both --mixup and --cutmix, the probability that a mixed batch takes CutMix "
+                                    "(else MixUp)"),
+    "ema": ("float", "keep an exponential moving average of the parameters with this decay (e.g. 0.999; 0: off), "
+                     "scored on the validation set beside them at each evaluation: the best of both is kept (the test "
+                     "accuracy is the best one's)"),
+    "ema_every": ("int", "fold the parameters into the --ema average every N steps only (with decay**N), for 1/N of "
+                         "its cost"),
     "batch_size": ("int", "global minibatch size, split across the processes"),
     "epochs": ("int", "number of passes over the training images (with --resume: the total, to train longer)"),
     "dtype": ("str", "floating-point type of the parameters and computations: float32 or float64"),
@@ -253,7 +273,8 @@ class _KeyValueArgument(argparse.Action):
 
 
 _METAVARS = {"dtype": "{float32,float64}", "resume": "CHECKPOINT", "dropout": "P", "lr_decay": "FACTOR",
-             "weight_scale": "STD", "reg": "STRENGTH", "config": "FILE", "timeout": "SECONDS"}
+             "weight_scale": "STD", "reg": "STRENGTH", "config": "FILE", "timeout": "SECONDS", "mixup": "ALPHA",
+             "cutmix": "ALPHA", "mix_probability": "P", "cutmix_probability": "P", "ema": "DECAY"}
 
 
 def build_parser(rank=0):

@@ -40,6 +40,12 @@ def check_config(config, num_processes):
     need(config["weight_decay"] >= 0, "weight_decay", ">= 0")
     need(0 <= config["label_smoothing"] < 1, "label_smoothing", "in [0, 1)")
     need(config["crop_padding"] >= 0, "crop_padding", ">= 0")
+    for key in ("mixup", "cutmix"):
+        need(config[key] >= 0, key, "an alpha >= 0 (0: off)")
+    for key in ("mix_probability", "cutmix_probability"):
+        need(0 <= config[key] <= 1, key, "a probability in [0, 1]")
+    need(0 <= config["ema"] < 1, "ema", "a decay in (0, 1), or 0 (off)")
+    need(config["ema_every"] >= 1, "ema_every", "a positive integer")
     need(config["batch_size"] >= 1, "batch_size", "a positive integer")
     need(config["epochs"] >= 1, "epochs", "a positive integer")
     need(config["checkpoint_every"] >= 0, "checkpoint_every", ">= 0")
@@ -76,10 +82,26 @@ def check_config(config, num_processes):
         raise UsageError(f"a plugin is broken: {exc}") from None
     need(config["label_smoothing"] == 0 or config["loss"] == "softmax", "label_smoothing",
          "0 with a loss other than softmax")
+    check_mixing_loss(config)
     from .parallel.environment import processes_on_this_node
 
     run_checks.check_memory(config, processes_on_this_node())
     run_checks.check_blas_threads(config)
+
+
+def mixing_key(config):
+    """The key that turns mixing on ("mixup" or "cutmix"), or None when it is off."""
+    return next((key for key in ("mixup", "cutmix") if config[key] > 0 and config["mix_probability"] > 0), None)
+
+
+def check_mixing_loss(config):
+    """UsageError when --mixup or --cutmix is on with a loss that does not take soft targets (dpnet.mixing)."""
+    from . import registry
+
+    key = mixing_key(config)
+    if key and not getattr(registry.get_layer("loss", config["loss"]).forward, "soft_targets", False):
+        raise UsageError(f"{flag(key)} {shown(config[key])} needs a loss that takes soft targets (softmax); the loss "
+                         f"{config['loss']!r} does not")
 
 
 def check_layer_names(spec):

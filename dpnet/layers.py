@@ -267,14 +267,33 @@ def _check_labels(x, y, name):
     return y
 
 
+def _check_targets(x, t, name):
+    """Soft targets t (N, C) for the scores x (N, C): finite, non-negative floats whose rows sum to 1 (to the square
+    root of their dtype's precision); returned in x's dtype."""
+    t = np.asarray(t)
+    if t.shape != x.shape:
+        raise ValueError(f"{name}: target distributions y have shape {t.shape}, expected {x.shape} like the scores")
+    if t.dtype.kind != "f":
+        raise ValueError(f"{name}: target distributions y must be floating point, got dtype {t.dtype}")
+    if not np.isfinite(t).all() or (t < 0).any():
+        raise ValueError(f"{name}: target distributions y must be finite and non-negative")
+    if t.size and np.abs(t.sum(axis=1) - 1).max() > np.sqrt(np.finfo(t.dtype).eps):
+        raise ValueError(f"{name}: each row of the target distributions y must sum to 1, got sums in "
+                         f"[{t.sum(axis=1).min()}, {t.sum(axis=1).max()}]")
+    return t.astype(x.dtype, copy=False)
+
+
 def softmax_loss(x, y, smoothing=0.0):
     """Softmax (cross-entropy) loss, averaged over the batch; stable for large scores.
 
-    Inputs: x (N, C) scores; y (N,) integer labels with 0 <= y[i] < C; smoothing: label smoothing eps in [0, 1),
-    the target being (1 - eps) on the true class plus eps / C on every class.
-    Returns (loss, dx): a scalar and the gradient (N, C).
+    Inputs: x (N, C) scores; y either (N,) integer labels with 0 <= y[i] < C, or (N, C) target distributions t
+    (soft targets, such as dpnet.mixing makes: non-negative rows summing to 1); smoothing: label smoothing eps in
+    [0, 1), the target becoming (1 - eps) t + eps / C (for labels: 1 - eps on the true class plus eps / C on every
+    class).
+    Returns (loss, dx): the scalar -sum(t * log softmax(x)) / N and its gradient (softmax(x) - t) / N, (N, C).
     """
-    y = _check_labels(x, y, "softmax_loss")
+    soft = np.ndim(y) == 2
+    y = _check_targets(x, y, "softmax_loss") if soft else _check_labels(x, y, "softmax_loss")
     if not 0 <= smoothing < 1:
         raise ValueError(f"softmax_loss: smoothing must be in [0, 1), got {smoothing!r}")
     N, C = x.shape
@@ -282,7 +301,11 @@ def softmax_loss(x, y, smoothing=0.0):
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     rows = np.arange(N)
     dx = np.exp(log_probs)
-    if smoothing:
+    if soft:
+        targets = (1 - smoothing) * y + smoothing / C if smoothing else y
+        loss = -np.sum(targets * log_probs) / N
+        dx -= targets
+    elif smoothing:
         loss = -((1 - smoothing) * np.sum(log_probs[rows, y]) + smoothing / C * np.sum(log_probs)) / N
         dx[rows, y] -= 1 - smoothing
         dx -= smoothing / C
@@ -291,6 +314,9 @@ def softmax_loss(x, y, smoothing=0.0):
         dx[rows, y] -= 1
     dx /= N
     return loss, dx
+
+
+softmax_loss.soft_targets = True  # it takes (N, C) target distributions as y (dpnet.mixing needs such a loss)
 
 
 def svm_loss(x, y):

@@ -1,6 +1,6 @@
 """A model's state beyond its parameters, and copies of the whole: the normalization layers' running statistics
 (`norm_state`), kept copies (`copy_into`), loading them (`load_state`), and their agreement across processes
-(`average_norm_state`, `broadcast_state`).
+(`average_norm_state`, `average_arrays`, `broadcast_state`).
 
 A state is a dict of arrays keyed "param/<name>" (model.params) and "norm/<layer>/<key>" (model.bn_params[layer]).
 """
@@ -53,13 +53,19 @@ def copy_into(kept, arrays):
 def average_norm_state(comm, model):
     """Collective: replace every process's running statistics by their mean over the processes (new arrays), so that
     replicas that normalized their own shards evaluate, and save, the same model."""
-    state = norm_state(model)
-    if state:
-        fused = FusedBuffer(state)
-        comm.allreduce(fused.pack(state, 1 / comm.size))
-        for name, view in fused.views.items():
-            i, key = name.split("/", 1)
-            model.bn_params[int(i)][key] = view.astype(state[name].dtype, copy=True)
+    for name, value in average_arrays(comm, norm_state(model)).items():
+        i, key = name.split("/", 1)
+        model.bn_params[int(i)][key] = value
+
+
+def average_arrays(comm, arrays):
+    """Collective: the mean over the processes of each array of `arrays` (name -> array, the same names and shapes on
+    every process), as new arrays of the same dtypes; one allreduce in all."""
+    if not arrays:
+        return {}
+    fused = FusedBuffer(arrays)
+    comm.allreduce(fused.pack(arrays, 1 / comm.size))
+    return {name: view.astype(arrays[name].dtype, copy=True) for name, view in fused.views.items()}
 
 
 def broadcast_state(comm, model, state, copies=1, shared=True):

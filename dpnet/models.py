@@ -192,7 +192,8 @@ class Sequential:
 
     Parameters are named "<layer><k>.<param>", k counting that layer name's uses from 1: "affine1.W",
     "batchnorm1.gamma", "prelu2.alpha". `bn_params` holds every layer's state dict, in order (the name the Solver
-    and checkpoints know from FullyConnectedNet). loss(X) returns scores; loss(X, y, grads=None) (loss, grads).
+    and checkpoints know from FullyConnectedNet). loss(X) returns scores; loss(X, y, grads=None) (loss, grads), y
+    (N,) integer labels or, for a loss that takes them (`soft_targets`), (N, C) target distributions.
     """
 
     dropout_param = None
@@ -266,6 +267,11 @@ class Sequential:
             for name, w in weights:
                 grads[name] += self.reg * w
         return loss, grads
+
+    @property
+    def soft_targets(self):
+        """Whether the loss takes (N, C) target distributions as y (the softmax does; dpnet.mixing needs it)."""
+        return bool(getattr(self._loss.forward, "soft_targets", False))
 
     def _backward(self, node, dout, cache, grads, need_dx):
         out = {key: grads[full] for key, full in node.names.items() if isinstance(grads.get(full), np.ndarray)}

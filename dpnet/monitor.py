@@ -52,7 +52,8 @@ class TensorBoardMonitor(Monitor):
 
     - every `log_every` iterations (and the first): scalars `train/loss`, `train/learning_rate`, `train/grad_norm`,
       `train/samples_per_sec` of that iteration (the gradient norm, a pass over every gradient, is computed only then)
-    - every epoch: scalars `accuracy/train`, `accuracy/val`; histograms `weights/<param>` and `gradients/<param>`
+    - every epoch: scalars `accuracy/train`, `accuracy/val` (and `accuracy/val_average`, the average's, with
+      ema_decay); histograms `weights/<param>` and `gradients/<param>`
       (the gradient of the epoch's last minibatch) of every parameter; then the file is flushed
     - at the start: the configuration as text (tag `config`), when `config_text` is given
     - `write_hparams(hparams, metrics)`: the run's hyper-parameters with its final metrics (TensorBoard's HPARAMS tab)
@@ -150,6 +151,8 @@ class TensorBoardMonitor(Monitor):
         step = info["iteration"]
         self.scalar("accuracy/train", info["train_acc"], step)
         self.scalar("accuracy/val", info["val_acc"], step)
+        if "ema_val_acc" in info:
+            self.scalar("accuracy/val_average", info["ema_val_acc"], step)
         for name, value in solver.model.params.items():
             self.histogram(f"weights/{name}", value, step)
         for name, value in (self._grads or {}).items():
@@ -200,9 +203,10 @@ class ProgressMonitor(Monitor):
             self._bar = None
         if not self.quiet:
             loss = float(np.mean(self._losses)) if self._losses else float("nan")
+            average = f", average's val acc {info['ema_val_acc']:.4f}" if "ema_val_acc" in info else ""
             self._print(f"epoch {info['epoch']}/{solver.num_epochs}: loss {loss:.4f}, train acc "
-                        f"{info['train_acc']:.4f}, val acc {info['val_acc']:.4f}, lr {info['learning_rate']:.3g}, "
-                        f"{seconds:.3g} s ({self._samples / seconds:.0f} samples/s)")
+                        f"{info['train_acc']:.4f}, val acc {info['val_acc']:.4f}{average}, "
+                        f"lr {info['learning_rate']:.3g}, {seconds:.3g} s ({self._samples / seconds:.0f} samples/s)")
         self._losses, self._start, self._samples = [], time.perf_counter(), 0
 
     def on_train_end(self, solver, info):
@@ -235,7 +239,10 @@ class CheckpointMonitor(Monitor):
         params = solver.model.params
         is_last = solver.epoch >= solver.num_epochs
         due = is_last or (self.every > 0 and solver.epoch % self.every == 0)
-        is_best = bool(solver.best_params) and all(np.array_equal(solver.best_params[k], v) for k, v in params.items())
+        held = params  # the parameters this epoch's evaluation scored: the live ones, or the average (ema_decay)
+        if getattr(solver, "best_source", None) == "ema":
+            held = {name: solver.ema.arrays[f"param/{name}"] for name in params}
+        is_best = bool(solver.best_params) and all(np.array_equal(solver.best_params[k], v) for k, v in held.items())
         if not (due or is_best):
             return
         bad = [name for name, value in params.items() if not np.isfinite(value).all()]

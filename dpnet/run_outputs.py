@@ -235,6 +235,15 @@ def describe(comm, config, meta, solver):
                      "dpnet-train: update-rule state replicated on every process"
                      + (f" (the rule {config['update_rule']!r} does not declare itself elementwise)"
                         if config["shard_optimizer"] else ""))
+    if solver.mixing is not None:
+        kinds = " and ".join(f"{name} alpha {config[key]:g}" for key, name in (("mixup", "MixUp"), ("cutmix", "CutMix"))
+                             if config[key] > 0)
+        lines.append(f"dpnet-train: {kinds} on {config['mix_probability']:.0%} of the batches"
+                     + (f" (CutMix on {config['cutmix_probability']:.0%} of them)" if "and" in kinds else ""))
+    if solver.ema is not None:
+        every = f"every {solver.ema.every} steps" if solver.ema.every > 1 else "every step"
+        lines.append(f"dpnet-train: an average of the parameters with decay {solver.ema.decay:g} ({every}) is scored "
+                     "beside them; the best of both is kept")
     if meta is not None:
         lines.append(f"dpnet-train: resuming {config['resume']} at epoch {solver.epoch} (iteration "
                      f"{solver.iteration})")
@@ -281,7 +290,8 @@ def final_report(comm, solver, config, accuracies, tensorboard, outputs, seconds
         print("dpnet-train: no plot: matplotlib is not installed (pip install 'dpnet[plot]' to get curves.png)",
               flush=True)
     minutes, secs = divmod(seconds, 60)
-    print(f"test accuracy {test_acc:.4f} (best validation accuracy {solver.best_val_acc:.4f}; final parameters "
+    source = ", the --ema average's" if solver.best_source == "ema" else ""
+    print(f"test accuracy {test_acc:.4f} (best validation accuracy {solver.best_val_acc:.4f}{source}; final parameters "
           f"{final_acc:.4f}; {solver.epoch} epoch{'s' * (solver.epoch != 1)}, {int(minutes)}m{secs:04.1f}s on "
           f"{comm.size} process{'es' * (comm.size > 1)})", flush=True)
     if not config["quiet"]:

@@ -11,8 +11,9 @@ import time
 import numpy as np
 
 from . import registry
-from .model_state import (average_norm_state, broadcast_state, copy_into, load_state, norm_state, split_state,
-                          whole_state)
+from .ema import ExponentialAverage
+from .model_state import (average_arrays, average_norm_state, broadcast_state, copy_into, load_state, norm_state,
+                          split_state, whole_state)
 from .parallel import as_communicator, check_in_sync, fault_injection_point, make_exchange, make_reducer
 from .solver_checks import accepts_keyword, check_data, check_recipe, check_sizes
 from .update import RuleUpdate
@@ -20,7 +21,7 @@ from .update import RuleUpdate
 _DEFAULTS = dict(update_rule="sgd", optim_config=None, lr_decay=1.0, batch_size=100, num_epochs=10,
                  num_train_samples=1000, num_val_samples=None, checkpoint_name=None, print_every=10, verbose=True,
                  seed=None, comm=None, monitors=(), sync_batchnorm=True, augment=None, lr_schedule=None,
-                 weight_decay=0.0, shard_optimizer=False, shared_memory=True)
+                 weight_decay=0.0, shard_optimizer=False, shared_memory=True, mixing=None, ema_decay=None, ema_every=1)
 
 
 class Solver:
@@ -28,10 +29,11 @@ class Solver:
 
     Keywords (all optional; README.md, "Solver", says what each does): update_rule, optim_config, lr_decay,
     batch_size (global), num_epochs, num_train_samples, num_val_samples, checkpoint_name, print_every, verbose, seed,
-    comm, monitors, sync_batchnorm, augment, lr_schedule, weight_decay, shard_optimizer, shared_memory.
+    comm, monitors, sync_batchnorm, augment, lr_schedule, weight_decay, shard_optimizer, shared_memory, mixing
+    (dpnet.mixing.Mixing: MixUp, CutMix), ema_decay and ema_every (an average of the parameters, dpnet.ema).
 
     train() runs the loop and leaves the best parameters by validation accuracy in the model; use_params("best" |
-    "final") switches between them; check_accuracy(X, y) scores any split. Monitors (rank 0 only) receive
+    "final" | "ema") switches between them; check_accuracy(X, y) scores any split. Monitors (rank 0 only) receive
     on_train_begin(solver), on_iteration_end(solver, info), on_epoch_end(solver, info) and on_train_end(solver, info).
     The gradients in info['grads'] are views of a buffer the next step overwrites (sharded: None but at an epoch's
     last iteration); an update rule must not keep its `dw` either.
@@ -50,7 +52,7 @@ class Solver:
         self.update_rule = options["update_rule"]
         self.rule = self.update_rule if callable(self.update_rule) else registry.get_update_rule(self.update_rule)
         for key in ("lr_decay", "num_train_samples", "num_val_samples", "checkpoint_name", "print_every", "augment",
-                    "lr_schedule"):
+                    "lr_schedule", "mixing", "ema_decay", "ema_every"):
             setattr(self, key, options[key])
         self.optim_config = dict(options["optim_config"] or {})
         self.batch_size, self.num_epochs = int(options["batch_size"]), int(options["num_epochs"])
@@ -61,6 +63,8 @@ class Solver:
         self.weight_decay = float(options["weight_decay"])
         self.shard_optimizer, self.shared_memory = bool(options["shard_optimizer"]), bool(options["shared_memory"])
         check_recipe(self)
+        if self.mixing is not None and not self.mixing.enabled:
+            self.mixing = None  # nothing is ever mixed: the plain path, with no stream drawn
         self.seed = self._shared_seed(options["seed"])
         self.sync_batchnorm = options["sync_batchnorm"]
         self._setup_model()
@@ -91,6 +95,10 @@ class Solver:
         self.epoch = self.iteration = self.best_val_acc = 0
         self.best_params, self.best_norm_state, self.final_params, self.final_norm_state = {}, {}, {}, {}
         self.loss_history, self.train_acc_history, self.val_acc_history = [], [], []
+        # The average of the parameters (ema_decay), its validation accuracies, and which parameters are the best kept:
+        # "live" (the trained ones) or "ema" (the average); None before the first evaluation.
+        self.ema = None if self.ema_decay is None else ExponentialAverage(self.ema_decay, self.ema_every)
+        self.ema_val_acc_history, self.best_source = [], None
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
         self._stop_requested = False
         self.epoch_order = self._streams_epoch = None
@@ -118,6 +126,8 @@ class Solver:
         if self._streams_epoch != epoch:
             self._streams_epoch = epoch
             self._augment_rng = self._stream(3, epoch)  # draws for the whole global batch: the same on all ranks
+            if self.mixing is not None:
+                self._mixing_rng = self._stream(4, epoch)  # likewise
             rng = self._stream(1, epoch, self.comm.rank)  # each process draws its own shard's random masks
             if getattr(self.model, "dropout_param", None) is not None:
                 self.model.dropout_param["rng"] = rng
@@ -131,18 +141,53 @@ class Solver:
         return slice(r * n // size, (r + 1) * n // size)
 
     def _minibatch(self):
-        """This process's shard of the iteration's global minibatch: (X, y, global batch size)."""
+        """This process's shard of the iteration's global minibatch: (X, y, global batch size), y holding soft targets
+        (n, C) when the batch is mixed. First the average (ema_decay) takes in the parameters of the last step when it
+        is due: they are final now, and the coming update has not yet overwritten them."""
+        if self.ema is not None and self.ema.due(self.iteration):
+            self._fold_average()
         indices = self._batch_indices()
         n = len(indices)
         mine = self._my_rows(n)
         order = np.argsort(indices[mine])  # sorted rows gather faster; the mean does not depend on order
         shard = indices[mine][order]
+        choices = None
         if self.augment is None:
             X = self.X_train[shard]
         else:
             choices = self.augment.draw(self._augment_rng, n)
             X = self.augment.take(self.X_train, shard, tuple(c[mine][order] for c in choices))
+        if self.mixing is not None:
+            return (*self._mix(X, indices, np.arange(n)[mine][order], choices), n)
         return X, self.y_train[shard], n
+
+    def _mix(self, X, indices, positions, choices):
+        """Mix the rows X, at `positions` in the global batch `indices`, with their partners as the batch's draw says
+        (dpnet.mixing; the same draw on every process): a partner among this process's rows is copied from X, any
+        other is taken from the training images, with the partner's own crop and flip (`choices`, drawn for the whole
+        batch), the same values. Returns (X, soft targets (k, C)), or (X, labels) for a batch left unmixed."""
+        labels = self.y_train[indices[positions]]
+        mix = self.mixing.draw(self._mixing_rng, len(indices), X.shape[1:])
+        if mix is None:
+            return X, labels
+        partners = mix.partner[positions]
+        rows = indices[partners]
+        here = np.full(len(indices), -1)
+        here[positions] = np.arange(len(positions))
+        here = here[partners]  # the row of X holding each partner, or -1
+        others = np.empty_like(X)
+        others[here >= 0] = X[here[here >= 0]]
+        away = np.flatnonzero(here < 0)
+        if len(away) and choices is None:
+            others[away] = self.X_train[rows[away]]
+        elif len(away):
+            others[away] = self.augment.take(self.X_train, rows[away], tuple(c[partners[away]] for c in choices))
+        X = self.mixing.apply(X, others, mix)
+        return X, mix.targets(labels, self.y_train[rows], self.model.num_classes)
+
+    def _fold_average(self):
+        """The average (dpnet.ema) takes in the model's parameters and normalization state after this iteration."""
+        self.ema.fold(whole_state(self.model.params, norm_state(self.model)), self.iteration)
 
     def _step(self):
         """One update: this shard's gradients, summed over the processes by the exchange, then the update rule.
@@ -205,17 +250,44 @@ class Solver:
         return counts[0] / max(counts[1], 1)
 
     def _evaluate(self):
-        if self.comm.size > 1 and not self.sync_batchnorm:
+        """Score the parameters (and the average of them, with ema_decay) and keep the best by validation accuracy:
+        the live ones on a tie."""
+        unsynced = self.comm.size > 1 and not self.sync_batchnorm
+        if unsynced:
             average_norm_state(self.comm, self.model)
         train_acc = self.check_accuracy(self.X_train, self.y_train, num_samples=self.num_train_samples)
         val_acc = self.check_accuracy(self.X_val, self.y_val, num_samples=self.num_val_samples)
         self.train_acc_history.append(train_acc)
         self.val_acc_history.append(val_acc)
         if val_acc > self.best_val_acc or len(self.val_acc_history) == 1:
-            self.best_val_acc = val_acc
-            keep = self.comm.rank == 0  # rank 0 keeps the copy (for checkpoints and use_params); the others none
-            self.best_params = copy_into(self.best_params, self.model.params) if keep else {}
-            self.best_norm_state = copy_into(self.best_norm_state, norm_state(self.model)) if keep else {}
+            self._keep_best(val_acc, "live", self.model.params, norm_state(self.model))
+        if self.ema is None:
+            return
+        self._fold_average()
+        if unsynced:  # the running statistics it took in differed between the processes, as the model's did
+            self.ema.arrays.update(average_arrays(self.comm, {k: v for k, v in self.ema.arrays.items()
+                                                              if k.startswith("norm/")}))
+        ema_acc = self._accuracy_of(self.ema.arrays, self.X_val, self.y_val, self.num_val_samples)
+        self.ema_val_acc_history.append(ema_acc)
+        if ema_acc > self.best_val_acc:
+            self._keep_best(ema_acc, "ema", *split_state(self.ema.arrays))
+
+    def _keep_best(self, val_acc, source, params, norm):
+        """Copies of params and norm (normalization state) become the best, of `source` ("live" or "ema")."""
+        self.best_val_acc, self.best_source = val_acc, source
+        keep = self.comm.rank == 0  # rank 0 keeps the copy (for checkpoints and use_params); the others none
+        self.best_params = copy_into(self.best_params, params) if keep else {}
+        self.best_norm_state = copy_into(self.best_norm_state, norm) if keep else {}
+
+    def _accuracy_of(self, state, X, y, num_samples=None):
+        """check_accuracy(X, y, num_samples) of the model holding `state` (a state dict, dpnet.model_state) in place of
+        its own arrays, which it holds again afterwards (the very same arrays: the exchange keeps owning them)."""
+        live = whole_state(self.model.params, norm_state(self.model))
+        load_state(self.model, state)
+        try:
+            return self.check_accuracy(X, y, num_samples=num_samples)
+        finally:
+            load_state(self.model, live)
 
     # ----------------------------------------------------------------------------------------------- the loop
     def train(self):
@@ -287,14 +359,17 @@ class Solver:
     def _end_epoch(self):
         if self.comm.size > 1:
             state = {**self.model.params, **norm_state(self.model)}
+            if self.ema is not None:  # the average too: every process keeps it
+                state.update({f"ema/{key}": value for key, value in self.ema.arrays.items()})
             check_in_sync(self.comm, [state[k] for k in sorted(state)],
                           where=f"after epoch {self.epoch} (iteration {self.iteration})")
         if self._exchange.sharded and self._watched:  # for the checkpoints rank 0 may write now
             self._gathered_configs = self._exchange.whole_configs(self.optim_configs)
         try:
+            average = {} if self.ema is None else dict(ema_val_acc=self.ema_val_acc_history[-1])
             self._notify("on_epoch_end", self, dict(
                 iteration=self.iteration, epoch=self.epoch, train_acc=self.train_acc_history[-1],
-                val_acc=self.val_acc_history[-1], learning_rate=self.learning_rate))
+                val_acc=self.val_acc_history[-1], learning_rate=self.learning_rate, **average))
             if self.checkpoint_name is not None and self.comm.rank == 0:
                 from .checkpoint import save_checkpoint
 
@@ -308,10 +383,16 @@ class Solver:
 
     # ----------------------------------------------------------------------------------------------- kept state
     def use_params(self, which):
-        """Load the "best" (by validation accuracy) or "final" parameters and normalization state into the model.
-        With several processes rank 0 alone keeps them and use_params broadcasts them: call it on every rank."""
+        """Load the "best" (by validation accuracy, of the live parameters and their average), "final" (the live ones
+        after the last step) or "ema" (their average, as of its last fold: with ema_decay) parameters and
+        normalization state into the model. With several processes rank 0 alone keeps the best and final ones and
+        use_params broadcasts them: call it on every rank (each holds the average)."""
+        if which == "ema":
+            if self.ema is None or not self.ema.arrays:
+                raise RuntimeError("use_params('ema'): there is no average of the parameters (ema_decay) yet")
+            return load_state(self.model, {key: value.copy() for key, value in self.ema.arrays.items()})
         if which not in ("best", "final"):
-            raise ValueError(f"use_params: expected 'best' or 'final', got {which!r}")
+            raise ValueError(f"use_params: expected 'best', 'final' or 'ema', got {which!r}")
         kept = whole_state(*{"best": (self.best_params, self.best_norm_state),
                              "final": (self.final_params, self.final_norm_state)}[which])
         if self.comm.size == 1:

@@ -55,11 +55,34 @@ def check_recipe(solver):
             raise ValueError("lr_schedule needs optim_config['learning_rate'], the rate it scales")
     if solver.weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {solver.weight_decay}")
+    if solver.mixing is not None:
+        check_mixing(solver.mixing, solver.model, solver.X_train)
     if solver.shard_optimizer:
         rule = solver.update_rule
         check_shardable(solver.rule, rule if isinstance(rule, str) else getattr(rule, "__name__", repr(rule)))
         if solver.weight_decay and "learning_rate" not in solver.optim_config:
             raise ValueError("weight_decay with shard_optimizer needs optim_config['learning_rate']")
+
+
+def check_mixing(mixing, model, X_train):
+    """TypeError or ValueError unless `mixing` is a dpnet.mixing.Mixing that the model and the images can take: a loss
+    that takes soft targets (model.soft_targets), model.num_classes, and for CutMix images (N, C, H, W)."""
+    from .mixing import Mixing
+
+    if not isinstance(mixing, Mixing):
+        raise TypeError(f"mixing must be a dpnet.mixing.Mixing or None, got {type(mixing).__name__}")
+    if not mixing.enabled:
+        return
+    if not getattr(model, "soft_targets", False):
+        loss = getattr(getattr(model, "_loss", None), "name", None)
+        which = f"the loss {loss!r} does not" if loss else f"a {type(model).__name__} does not say it does"
+        raise ValueError(f"mixing (MixUp, CutMix) trains on soft targets (N, C), so it needs a model whose loss takes "
+                         f"them, as the softmax does; {which} (model.soft_targets)")
+    if not isinstance(getattr(model, "num_classes", None), (int, np.integer)):
+        raise ValueError("mixing needs model.num_classes, the number of classes C of its soft targets")
+    if mixing.cutmix > 0 and getattr(X_train, "ndim", 0) != 4:
+        raise ValueError(f"cutmix needs images of shape (N, C, H, W); data['X_train'] has shape "
+                         f"{getattr(X_train, 'shape', None)}")
 
 
 @functools.lru_cache(maxsize=128)

@@ -39,7 +39,7 @@ import numpy as np
 from .config import (MODEL_RUN_KEYS, NUM_VALIDATION, OUTPUT_DIRS, UsageError, agree, build_parser, resolve_dirs, shown,
                      to_toml)
 from .config import DEFAULTS, EXIT_BAD_INPUT, LOCATION_KEYS, flag  # noqa: F401 (re-exported: tests, benchmarks)
-from .config_checks import check_config, model_keywords
+from .config_checks import check_config, mixing_key, model_keywords
 from .config_sources import load_toml, resolve_config  # noqa: F401 (load_toml re-exported: tests use it)
 from .parallel.watchdog import EXIT_TIMEOUT  # noqa: F401 (an exit code of the command)
 
@@ -100,11 +100,17 @@ INPUT_SHAPE = (3, 32, 32)
 def build_model(config):
     """The configuration's network: the plugin model `model` (its factory called with `model_options` and the run's
     values of the MODEL_RUN_KEYS it takes), a dpnet.models.Sequential of `layers`, or else the FullyConnectedNet of
-    the FC_KEYS. UsageError when it cannot be built (also for want of memory, or a plugin's failure)."""
+    the FC_KEYS. UsageError when it cannot be built (also for want of memory, or a plugin's failure), or when
+    --mixup or --cutmix is on and its loss takes no soft targets."""
     try:
-        return _build_model(config)
+        model = _build_model(config)
     except MemoryError as exc:
         raise UsageError(f"not enough memory to build the network ({exc})") from None
+    key = mixing_key(config)
+    if key and not getattr(model, "soft_targets", False):
+        raise UsageError(f"{flag(key)} {shown(config[key])} needs a model whose loss takes soft targets "
+                         f"(model.soft_targets, as the softmax's do); the {type(model).__name__} of the run does not")
+    return model
 
 
 def _build_model(config):
@@ -245,6 +251,7 @@ def make_solver(comm, config, meta, data, model, outputs):
     checkpoint monitor), both guarded by `outputs` (dpnet.run_outputs.Outputs); None on other ranks."""
     from .checkpoint import CheckpointError, restore_checkpoint
     from .augment import Augmentation
+    from .mixing import Mixing
     from .monitor import CheckpointMonitor, ProgressMonitor, TensorBoardMonitor
     from .registry import get_update_rule
     from .parallel import is_shardable
@@ -266,7 +273,10 @@ def make_solver(comm, config, meta, data, model, outputs):
                     num_val_samples=None, verbose=False, seed=config["seed"], comm=comm, monitors=monitors,
                     lr_schedule=make_lr_schedule(config), weight_decay=config["weight_decay"],
                     shard_optimizer=shard, shared_memory=config["shared_memory"],
-                    augment=Augmentation(crop_padding=config["crop_padding"]) if config["augment"] else None)
+                    augment=Augmentation(crop_padding=config["crop_padding"]) if config["augment"] else None,
+                    mixing=Mixing(config["mixup"], config["cutmix"], config["mix_probability"],
+                                  config["cutmix_probability"]) if mixing_key(config) else None,
+                    ema_decay=config["ema"] or None, ema_every=config["ema_every"])
 
     def restore():
         try:

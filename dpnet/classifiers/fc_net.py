@@ -92,7 +92,8 @@ class FullyConnectedNet:
 
         Inputs:
         - X: (N, d_1, ..., d_k) with d_1 * ... * d_k == input_dim; cast to the model's dtype
-        - y: None for test mode, else (N,) integer labels in [0, num_classes)
+        - y: None for test mode, else (N,) integer labels in [0, num_classes), or (N, num_classes) target
+          distributions (soft targets, for a loss that takes them: see `soft_targets`)
         - grads: None, or a dict holding, for every parameter name, a writable array shaped like params[name]: the
           gradients are written into these arrays instead of new ones (the Solver passes views of its gradient
           buffer, so a step allocates no parameter-sized array)
@@ -154,6 +155,11 @@ class FullyConnectedNet:
             for i, w in enumerate(weights, start=1):
                 grads[f"W{i}"] += self.reg * w
         return loss, grads
+
+    @property
+    def soft_targets(self):
+        """Whether the loss takes (N, C) target distributions as y (the softmax does; dpnet.mixing needs it)."""
+        return bool(getattr(self._loss.forward, "soft_targets", False))
 
     def _check_grads_out(self, grads):
         for name, param in self.params.items():
