@@ -7,7 +7,6 @@ be left: no namespace, no process, no /dev/shm folder, and the launcher found no
 """
 
 import functools
-import importlib.util
 import itertools
 import json
 import os
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from processes import kill_group, run_in_group, start_in_group
 from requirements import require_program
+from scripts import load_mpi_script
 
 REPO = Path(__file__).resolve().parents[1]
 EMULATE = REPO / "launch" / "emulate.sh"
@@ -29,19 +29,10 @@ SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 _names = itertools.count()
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"emulated_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPTS))  # the scripts import each other
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return module
 
 
-equivalence = _load_script("solver_equivalence")
-cluster_script = _load_script("emulated_cluster")
+equivalence = load_mpi_script("solver_equivalence")
+cluster_script = load_mpi_script("emulated_cluster")
 
 
 # ----------------------------------------------------------------------------------------------- the jobs
@@ -349,7 +340,7 @@ def test_a_checkpoint_of_two_nodes_resumes_on_one_process(emulate, tmp_path):
     from dpnet.parallel import SerialCommunicator
     from dpnet.solver import Solver
 
-    toy = _load_script("toy")
+    toy = load_mpi_script("toy")
     result = emulate(2, 2, tmp_path, script="solver_sharded_checkpoint.py", timeout=100)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_nothing_left(result)

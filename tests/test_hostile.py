@@ -11,7 +11,6 @@ Bad input that fails before training runs in this process; runs are subprocesses
 """
 
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -25,21 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import group_alive, kill_group, run_in_group, run_main, start_in_group
+from scripts import load_test_module
 
 from dpnet import train
 from dpnet.parallel import environment
-from processes import group_alive, kill_group, run_in_group, run_main, start_in_group
 
-
-def _test_train():
-    """tests/test_train.py as a module of its own (the tests run with --import-mode=importlib): its run helpers."""
-    spec = importlib.util.spec_from_file_location("dpnet_tests_test_train_h", Path(__file__).with_name("test_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_helpers = _test_train()
+_helpers = load_test_module("test_train")
 REPO, cli, checkpoint, _env = _helpers.REPO, _helpers.cli, _helpers.checkpoint, _helpers._env
 
 # 2 iterations per epoch, 2 epochs, float64, sgd_momentum (its velocity) and batchnorm (running statistics).

@@ -2,12 +2,11 @@
 checks, and N processes computing what one process computes (tests/mpi_scripts/solver_mixing.py)."""
 
 import functools
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from scripts import load_mpi_script
 
 from dpnet.augment import Augmentation
 from dpnet.classifiers.fc_net import FullyConnectedNet
@@ -203,17 +202,7 @@ def test_a_plugin_model_must_say_its_loss_takes_soft_targets():
 
 
 # ----------------------------------------------------------------------------------------------- N processes
-MPI_SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"mpi_scripts_{name}", MPI_SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mixing_runs = _load_script("solver_mixing")
+mixing_runs = load_mpi_script("solver_mixing")
 EXACT = [case for case, options in mixing_runs.CASES.items() if options.get("sync_batchnorm", True)]
 
 

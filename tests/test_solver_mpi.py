@@ -5,26 +5,15 @@ skipped locally without mpi4py or mpiexec, failed when $CI is set.
 """
 
 import functools
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from scripts import load_mpi_script
 
 from dpnet.distributed import FusedBuffer, SerialCommunicator
 
-MPI_SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"mpi_scripts_{name}", MPI_SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-equivalence = _load_script("solver_equivalence")
+equivalence = load_mpi_script("solver_equivalence")
 SYNCED = [case for case, options in equivalence.CASES.items() if options.get("sync_batchnorm", True)]
 
 
@@ -124,7 +113,7 @@ def test_sharded_checkpoints_hold_the_whole_state_and_resume_exactly(run_mpi, tm
     from dpnet.checkpoint import load_checkpoint, restore_checkpoint
     from dpnet.solver import Solver
 
-    toy = _load_script("toy")
+    toy = load_mpi_script("toy")
     result = run_mpi(3, "solver_sharded_checkpoint.py", tmp_path, timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     with np.load(tmp_path / "final.npz") as archive:
@@ -153,7 +142,7 @@ def test_a_rule_that_is_not_elementwise_is_refused_for_sharding():
     from dpnet.parallel import ShardError
     from dpnet.solver import Solver
 
-    toy = _load_script("toy")
+    toy = load_mpi_script("toy")
 
     def clipped_sgd(w, dw, config=None):  # depends on the whole gradient's norm: not elementwise
         return w - 1e-2 * dw / max(1.0, float(np.linalg.norm(dw))), config

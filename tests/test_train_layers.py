@@ -6,32 +6,20 @@ Bad input runs in this process (it fails before training); training runs are sub
 CIFAR-10, with the helpers of tests/test_train.py.
 """
 
-import importlib.util
 import os
 import re
 import signal
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from processes import run_main
+from scripts import load_test_module
 
 from dpnet import config as dpconfig
-from dpnet import config_checks
-from dpnet import train
+from dpnet import config_checks, train
 
-
-def _test_train():
-    """tests/test_train.py as a module of its own (the tests run with --import-mode=importlib, so it is not
-    importable by name): its run helpers."""
-    spec = importlib.util.spec_from_file_location("dpnet_tests_test_train", Path(__file__).with_name("test_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_helpers = _test_train()
+_helpers = load_test_module("test_train")
 KILLER, REPO, cli, run_ok, checkpoint = (getattr(_helpers, name) for name in
                                          ("KILLER", "REPO", "cli", "run_ok", "checkpoint"))
 assert_same_state, printed_accuracy = _helpers.assert_same_state, _helpers.printed_accuracy

@@ -1,28 +1,18 @@
 """The command line with --mixup, --cutmix and --ema: end to end on a small slice of the real CIFAR-10 (one process and
 `mpiexec -n 2`, a SIGKILLed run resumed), and their bad values. The helpers are tests/test_train.py's."""
 
-import importlib.util
 import re
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
 from processes import run_main
+from scripts import load_test_module
 
 from dpnet import train
 from dpnet.monitor import read_scalars
 
-
-def _test_train():
-    """tests/test_train.py as a module of its own (the tests run with --import-mode=importlib): its run helpers."""
-    spec = importlib.util.spec_from_file_location("dpnet_tests_test_train", Path(__file__).with_name("test_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_helpers = _test_train()
+_helpers = load_test_module("test_train")
 KILLER, SMALL, cli, run_ok, checkpoint = (getattr(_helpers, name) for name in
                                           ("KILLER", "SMALL", "cli", "run_ok", "checkpoint"))
 assert_same_state, printed_accuracy = _helpers.assert_same_state, _helpers.printed_accuracy

@@ -9,10 +9,10 @@ Every run: float64, no dropout, crops (padding 1) and flips, the same seed and g
 import sys
 
 import numpy as np
+from blob_images import make_blob_images
 
 from dpnet.augment import Augmentation
 from dpnet.classifiers.fc_net import FullyConnectedNet
-from dpnet.data_utils import ImageArray
 from dpnet.mixing import Mixing
 from dpnet.solver import Solver
 
@@ -39,19 +39,7 @@ OPTIM_CONFIGS = {"sgd_momentum": {"learning_rate": 0.1}, "adam": {"learning_rate
 
 
 def make_data(lazy=False):
-    """Gaussian blobs, one per class, quantized to uint8 images (so the lazy and the eager data are the same)."""
-    rng = np.random.default_rng(11)
-    centres = rng.uniform(60, 190, size=(CLASSES, *SHAPE))
-    data = {}
-    for split, n in (("train", NUM_TRAIN), ("val", NUM_VAL)):
-        y = rng.integers(CLASSES, size=n)
-        raw = np.clip(centres[y] + rng.normal(0, 50, size=(n, *SHAPE)), 0, 255).astype(np.uint8)
-        data[f"X_{split}"], data[f"y_{split}"] = raw, y
-    mean = data["X_train"].mean(axis=0)
-    for split in ("train", "val"):
-        images = ImageArray(data[f"X_{split}"], mean, dtype=np.float64)
-        data[f"X_{split}"] = images if lazy else np.asarray(images)
-    return data
+    return make_blob_images(11, 50, SHAPE, CLASSES, (NUM_TRAIN, NUM_VAL), lazy)
 
 
 class _Last:
