@@ -65,10 +65,11 @@ def solver_state(solver, config=None):
     mean_image = getattr(getattr(solver, "X_train", None), "mean_image", None)  # an ImageArray's (dpnet.data)
     if mean_image is not None:
         arrays["mean_image"] = np.asarray(mean_image, dtype=np.float64)
+    from .flip_average import unwrap
     from .loading import model_record  # (lazily: dpnet.loading imports this module)
     meta = dict(
         format_version=FORMAT_VERSION,
-        model=type(model).__name__,
+        model=type(unwrap(model)).__name__,  # a FlipAveraged's inner model (test_flips: dpnet.loading.model_record)
         shapes={name: list(value.shape) for name, value in model.params.items()},
         dtypes={name: value.dtype.str for name, value in model.params.items()},
         epoch=solver.epoch, iteration=solver.iteration, best_val_acc=float(solver.best_val_acc),

@@ -223,8 +223,11 @@ def _check_model(archive, members, path, model, meta):
         if ours.shape != shape or ours.dtype != dtype:
             problems.append(f"{name} is {dtype}{list(shape)} in the checkpoint but {ours.dtype}{list(ours.shape)} in "
                             f"the model")
-    if meta["model"] != type(model).__name__:
-        problems.append(f"the checkpoint is of a {meta['model']}, the model is a {type(model).__name__}")
+    from .flip_average import unwrap
+
+    kind = type(unwrap(model)).__name__  # (a FlipAveraged's checkpoint records the model it wraps)
+    if meta["model"] != kind:
+        problems.append(f"the checkpoint is of a {meta['model']}, the model is a {kind}")
     if not problems and (meta["shapes"] != {n: list(w.shape) for n, w in model.params.items()}
                          or meta["dtypes"] != {n: w.dtype.str for n, w in model.params.items()}):
         problems.append("its meta shapes or dtypes differ from its arrays")

@@ -55,6 +55,7 @@ DEFAULTS = dict(
     cutmix_probability=0.5,
     ema=0.0,
     ema_every=1,
+    test_flips=False,
     batch_size=256,
     epochs=100,
     dtype="float32",
@@ -124,6 +125,9 @@ FLAGS = {
                      "accuracy is the best one's)"),
     "ema_every": ("int", "fold the parameters into the --ema average every N steps only (with decay**N), for 1/N of "
                          "its cost"),
+    "test_flips": ("bool", "score every validation and test image as the average of the network's scores of it and of "
+                           "its left-right mirror (the best parameters are chosen, and the test accuracy printed, by "
+                           "these scores; the checkpoints record it, so evaluate, predict and export score alike)"),
     "batch_size": ("int", "global minibatch size, split across the processes"),
     "epochs": ("int", "number of passes over the training images (with --resume: the total, to train longer)"),
     "dtype": ("str", "floating-point type of the parameters and computations: float32 or float64"),

@@ -7,8 +7,9 @@
 It prints the accuracy, each class's accuracy, the confusion matrix (rows: true class, columns: predicted) and the
 most confused pairs, and draws the confusion matrix into `<checkpoint>-confusion-<split>.png` next to the checkpoint
 (with matplotlib, the plot extra). The images are preprocessed with the checkpoint's mean image and scored 100 at a
-time in test mode, each process a contiguous part, exactly as the Solver scores them: the test accuracy of the best
-parameters is the one `python -m dpnet.train` printed at its end, to the last digit.
+time in test mode, each process a contiguous part, exactly as the Solver scores them (each image averaged with its
+left-right mirror when the run had --test-flips; `--test-flips` / `--no-test-flips` decide otherwise): the test
+accuracy of the best parameters is the one `python -m dpnet.train` printed at its end, to the last digit.
 
 Exit codes: 0 done; 2 bad input (one message, whatever the number of processes); 130 interrupted.
 """
@@ -171,7 +172,7 @@ def run(argv=None):
     def prepare():
         if args.json is not None and comm.rank == 0:
             check_output(args.json, "JSON file (--json)")
-        model, meta = open_model(args.checkpoint, args.which)
+        model, meta = open_model(args.checkpoint, args.which, args.test_flips)
         if model.class_names is None:
             raise UsageError(f"the model of {args.checkpoint} does not say how many classes it has")
         X, y, note = split_images(model, meta, args)

@@ -8,10 +8,14 @@ image subtracted (`dpnet.load_model(...).mean_image`; dpnet.loading.preprocess d
 relu -> Relu, batchnorm -> its test-mode arithmetic on the running statistics, (x - mean) / sqrt(var + eps) * gamma +
 beta, as Sub, Div, Mul and Add, layernorm -> LayerNormalization, dropout -> nothing (the identity in test mode). That
 covers FullyConnectedNet and Sequential networks of dpnet's built-in layers; any other layer (a plugin's) or model
-class is an error naming it. Float64 parameters are rounded to float32. The model's metadata hold the class names
-(`dpnet.classes`). The file is written atomically; before that, onnx's checker validates the graph and, when
-onnxruntime is installed (the onnx extra: `pip install 'dpnet[onnx]'`), the graph is run on a batch of images and
-compared with dpnet's own scores (exit code 1 if they disagree beyond float32 rounding).
+class is an error naming it. Float64 parameters are rounded to float32. A model trained with `--test-flips` (a
+dpnet.flip_average.FlipAveraged; `--test-flips`/`--no-test-flips` here decide otherwise) is exported with its mirror
+branch: the images' left-right mirrors (a Slice with step -1 on the last axis) are concatenated to the images on the
+batch axis, the network runs once on both, and the two halves (Split) are averaged, (a + b) * 0.5, as dpnet does. The
+model's metadata hold the class names (`dpnet.classes`) and whether it averages with mirrors (`dpnet.test_flips`).
+The file is written atomically; before that, onnx's checker validates the graph and, when onnxruntime is installed
+(the onnx extra: `pip install 'dpnet[onnx]'`), the graph is run on a batch of images and compared with dpnet's own
+scores (exit code 1 if they disagree beyond float32 rounding).
 
 Exit codes: 0 done; 1 the exported graph disagrees with dpnet; 2 bad input (one message); 130 interrupted.
 """
@@ -48,11 +52,16 @@ class _Graph:
         self.initializers.append(self.numpy_helper.from_array(np.asarray(array, dtype=np.float32), name))
         return name
 
-    def op(self, op_type, inputs, **attributes):
+    def const_int64(self, name, values):
+        self.initializers.append(self.numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+        return name
+
+    def op(self, op_type, inputs, outputs=1, **attributes):
+        """Append an op; returns its output's name (a list of `outputs` names when outputs > 1)."""
         self.count += 1
-        output = f"{op_type.lower()}_{self.count}"
-        self.nodes.append(self.helper.make_node(op_type, inputs, [output], **attributes))
-        return output
+        names = [f"{op_type.lower()}_{self.count}" + (f"_{k}" if outputs > 1 else "") for k in range(outputs)]
+        self.nodes.append(self.helper.make_node(op_type, inputs, names, **attributes))
+        return names[0] if outputs == 1 else names
 
 
 def _provider(name):
@@ -133,29 +142,48 @@ def input_shape(model):
 
 
 def to_onnx(model, class_names=None):
-    """The onnx.ModelProto of `model` in test mode (see the module's docstring). Raises ExportError naming a layer
-    without an ONNX form; ImportError without the onnx package."""
+    """The onnx.ModelProto of `model` in test mode (see the module's docstring; a FlipAveraged with its mirror
+    branch). Raises ExportError naming a layer without an ONNX form; ImportError without the onnx package."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    layers = _layers(model)
+    from .flip_average import FlipAveraged, unwrap
+
+    flips, net = isinstance(model, FlipAveraged), unwrap(model)
+    layers = _layers(net)
     for index, name, _, _, _ in layers:
         if name not in SUPPORTED:
             raise _no_onnx_form(index, name)
-    graph, shape = _Graph(helper, numpy_helper), input_shape(model)
+    graph, shape = _Graph(helper, numpy_helper), input_shape(net)
+    if flips and len(shape) != 3:
+        raise ExportError(f"test-time flips need images (C, H, W); the {type(net).__name__} takes inputs of shape "
+                          f"{shape}")
     x, rank = "images", 1 + len(shape)
+    if flips:  # the mirrors after the images on the batch axis: one pass of the network over 2N rows
+        int64_min = np.iinfo(np.int64).min  # (an end before the first element: the slice runs to index 0)
+        mirrored = graph.op("Slice", [x, graph.const_int64("mirror.starts", [-1]),
+                                      graph.const_int64("mirror.ends", [int64_min]),
+                                      graph.const_int64("mirror.axes", [rank - 1]),
+                                      graph.const_int64("mirror.steps", [-1])])
+        x = graph.op("Concat", [x, mirrored], axis=0)
     for index, name, params, state, label in layers:
         x, rank = _layer(graph, x, rank, name, params, state, label)
+    if flips:  # the two halves' average, (a + b) * 0.5, as dpnet.flip_average computes it
+        halves = graph.op("Split", [x], outputs=2, axis=0)
+        graph.op("Mul", [graph.op("Add", halves), graph.const("mirror.half", 0.5)])
     graph.nodes[-1].output[0] = "scores"  # the last op's output (dropout adds none, so one exists)
     inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", *shape])]
-    outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", int(model.num_classes)])]
+    outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", int(net.num_classes)])]
+    averaged = ", averaged with the scores of their left-right mirrors" if flips else ""
     proto = helper.make_model(
         helper.make_graph(graph.nodes, "dpnet", inputs, outputs, initializer=graph.initializers),
         opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dpnet", producer_version=__version__,
-        doc_string="scores of images (N, 3, 32, 32) from which the training's mean image was subtracted")
+        doc_string=f"scores of images (N, 3, 32, 32) from which the training's mean image was subtracted{averaged}")
     proto.ir_version = IR_VERSION
+    props = {"dpnet.test_flips": json.dumps(flips)}
     if class_names is not None:
-        helper.set_model_props(proto, {"dpnet.classes": json.dumps(list(class_names))})
+        props["dpnet.classes"] = json.dumps(list(class_names))
+    helper.set_model_props(proto, props)
     onnx.checker.check_model(proto, full_check=True)
     return proto
 
@@ -189,7 +217,8 @@ def _sample_images(model, count=16):
 
 def build_parser():
     result = parser(PROG, "Export a trained network, in test mode, as an ONNX graph: input `images` float32\n"
-                          "(N, 3, 32, 32), preprocessed as in training; output `scores` float32 (N, classes).")
+                          "(N, 3, 32, 32), preprocessed as in training; output `scores` float32 (N, classes)\n"
+                          "(with test flips, the average of the images' and their mirrors' scores).")
     result.add_argument("output", metavar="OUTPUT", help="the ONNX file to write (model.onnx)")
     result.add_argument("--no-check", action="store_true",
                         help="do not compare the graph's scores with dpnet's through onnxruntime")
@@ -202,7 +231,7 @@ def run(argv=None):
     if importlib.util.find_spec("onnx") is None:  # (without importing it: that takes a while)
         raise UsageError("exporting needs the onnx package, which the onnx extra brings: pip install "
                          "'dpnet[onnx]'")
-    model, meta = open_model(args.checkpoint, args.which)
+    model, meta = open_model(args.checkpoint, args.which, args.test_flips)
     try:
         proto = to_onnx(model, model.class_names)
     except ExportError as exc:

@@ -7,7 +7,10 @@ Besides the Solver's state (dpnet.checkpoint), a checkpoint records:
 - meta["providers"]: for every name the network takes from a plugin (layer, activation, normalization, loss, model),
   the plugin and distribution that provided it, so that loading without the plugin names what to install;
 - the array "mean_image": float64 (3, 32, 32), the image subtracted from every input in training, when the training
-  images carried it (dpnet.data.ImageArray, as the command line's do).
+  images carried it (dpnet.data.ImageArray, as the command line's do);
+- meta["test_flips"]: whether the model scored images as the average of them and their mirrors
+  (dpnet.flip_average.FlipAveraged, `--test-flips`); the architecture and the class in meta["model"] are then those of
+  the model it wraps, and `load_model` wraps the rebuilt model again.
 Checkpoints written before these entries existed are rebuilt from meta["config"] alone.
 """
 
@@ -93,7 +96,11 @@ def _loaded_plugins():
 
 def model_record(model, config=None):
     """The meta entries a checkpoint of `model` carries: {"architecture": ..., "providers": [{"kind", "name",
-    "plugin", "distribution", "version"}, ...]} (plugins only; dpnet's built-ins are not listed)."""
+    "plugin", "distribution", "version"}, ...] (plugins only; dpnet's built-ins are not listed), "test_flips": bool}
+    (for a FlipAveraged, the architecture and providers of the model it wraps)."""
+    from .flip_average import FlipAveraged, unwrap
+
+    flips, model = isinstance(model, FlipAveraged), unwrap(model)
     record = architecture(model)
     table, providers = _loaded_plugins(), []
     factory = [(("model",), config["model"])] if record is not None and (config or {}).get("model") else []
@@ -103,7 +110,7 @@ def model_record(model, config=None):
         if info is not None and not info.builtin:
             providers.append(dict(kind=kind, name=name, plugin=info.name, distribution=info.distribution,
                                   version=info.version))
-    return {"architecture": record, "providers": providers}
+    return {"architecture": record, "providers": providers, "test_flips": flips}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -160,7 +167,7 @@ def _build(path, record, config):
                                      f"configuration and its model is not a FullyConnectedNet or a Sequential")
             from .train import build_model
 
-            return build_model({**DEFAULTS, **config})
+            return build_model({**DEFAULTS, **config, "test_flips": False})  # (read_model wraps it)
         kwargs = dict(loss=record["loss"], reg=record["reg"], dtype=np.dtype(record["dtype"]), seed=0,
                       label_smoothing=record["label_smoothing"])
         if record["type"] == "Sequential":
@@ -228,10 +235,12 @@ def class_names(num_classes):
     return CIFAR10_CLASSES if num_classes == 10 else tuple(f"class {i}" for i in range(num_classes))
 
 
-def read_model(path, which="best"):
+def read_model(path, which="best", test_flips=None):
     """(model, meta): load_model's model and the checkpoint's meta document (configuration, counters, histories)."""
     if which not in WHICH:
         raise ValueError(f"which must be 'best' or 'final', got {which!r}")
+    if test_flips not in (None, True, False):
+        raise ValueError(f"test_flips must be None, True or False, got {test_flips!r}")
     arrays, meta = load_checkpoint(path)
     record = meta.get("architecture")
     if not isinstance(record, (dict, type(None))) or not isinstance(meta.get("providers", []), list):
@@ -248,23 +257,44 @@ def read_model(path, which="best"):
     model.mean_image = mean
     num_classes = getattr(model, "num_classes", None)
     model.class_names = class_names(num_classes) if num_classes is not None else None
+    flips = saved_test_flips(path, meta) if test_flips is None else test_flips
+    if flips:
+        from .flip_average import FlipAveraged
+
+        try:
+            model = FlipAveraged(model)
+        except ValueError as exc:
+            raise ModelLoadError(f"checkpoint {path} cannot be scored with test-time flips: {exc}") from None
     return model, meta
 
 
-def load_model(path, which="best"):
+def saved_test_flips(path, meta):
+    """Whether the checkpoint's model scored images with test-time flips: meta["test_flips"], else (checkpoints
+    written before it) the run's configuration's `test_flips`, else False."""
+    flips = meta.get("test_flips", (meta.get("config") or {}).get("test_flips", False))
+    if not isinstance(flips, bool):
+        raise ModelLoadError(f"checkpoint {path} is not a readable dpnet checkpoint: its meta test_flips is not true "
+                             f"or false")
+    return flips
+
+
+def load_model(path, which="best", test_flips=None):
     """The model saved in the checkpoint at `path`, in test mode, ready for `model.loss(X)`.
 
     Inputs:
     - path: a checkpoint (`best.npz`, `last.npz` of a `python -m dpnet.train` run, or any dpnet.checkpoint file)
     - which: "best" (the parameters and normalization state with the best validation accuracy so far) or "final"
       (those the run had when the checkpoint was written: the final ones in the `last.npz` of a finished run)
+    - test_flips: None (as the checkpoint's run scored images: its `--test-flips`), True (score each image as the
+      average of it and its left-right mirror, dpnet.flip_average.FlipAveraged) or False (the images alone)
     Returns the model its saved architecture or configuration describes (a FullyConnectedNet, a Sequential with
-    plugin layers, a plugin's model), with two attributes added: `mean_image`, float64 (3, 32, 32), the image
-    subtracted from every training input (None when the checkpoint does not hold it; see `preprocess`), and
-    `class_names` (CIFAR-10's for 10 classes). Nothing is unpickled. Raises CheckpointError (ModelLoadError, naming
-    the missing layer and plugin, when a plugin it needs is not installed).
+    plugin layers, a plugin's model; wrapped in a FlipAveraged with test flips), with two attributes added:
+    `mean_image`, float64 (3, 32, 32), the image subtracted from every training input (None when the checkpoint does
+    not hold it; see `preprocess`), and `class_names` (CIFAR-10's for 10 classes). Nothing is unpickled. Raises
+    CheckpointError (ModelLoadError, naming the missing layer and plugin, when a plugin it needs is not installed, or
+    saying why a model of inputs other than images cannot be scored with test flips).
     """
-    return read_model(path, which)[0]
+    return read_model(path, which, test_flips)[0]
 
 
 def preprocess(model, images):

@@ -16,8 +16,8 @@ EXIT_INTERRUPTED = 130
 
 
 def parser(prog, description, rank=0):
-    """An argparse parser printing on rank 0 only, with "did you mean" for choices, and the CHECKPOINT and --which
-    arguments every command takes."""
+    """An argparse parser printing on rank 0 only, with "did you mean" for choices, and the CHECKPOINT, --which and
+    --test-flips arguments every command takes."""
     result = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="Exit codes: 0 done, 2 bad input (one message), 130 interrupted.")
     result.rank = rank
@@ -26,6 +26,10 @@ def parser(prog, description, rank=0):
     result.add_argument("--which", choices=("best", "final"), default="best",
                         help="the parameters with the best validation accuracy (default), or the final ones: those "
                              "the run had when the checkpoint was written")
+    result.add_argument("--test-flips", action=argparse.BooleanOptionalAction, default=None,
+                        help="score each image as the average of the network's scores of it and of its left-right "
+                             "mirror, or (--no-test-flips) of it alone (default: as the checkpoint's run did, its "
+                             "--test-flips)")
     return result
 
 
@@ -45,34 +49,38 @@ def command(prog, run):
     return main
 
 
-def open_model(path, which):
-    """(model, meta) of the checkpoint (dpnet.loading.read_model); UsageError saying what is wrong."""
+def open_model(path, which, test_flips=None):
+    """(model, meta) of the checkpoint (dpnet.loading.read_model: test_flips None as its run scored images, else
+    forced on or off); UsageError saying what is wrong."""
     from .checkpoint import CheckpointError
     from .loading import read_model
 
     if os.path.isdir(path):
         raise UsageError(f"checkpoint {path} is a folder, not a file (runs/<run>/best.npz, say)")
     try:
-        return read_model(path, which)
+        return read_model(path, which, test_flips)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
 
 
 def describe(model, meta):
     """One line naming the model: "FullyConnectedNet 3072-40-30-10 (batchnorm, relu, float32)", "Sequential
-    affine:units=40,relu,affine:units=10 (float32)", "model fx_mlp (Sequential, float32)"."""
+    affine:units=40,relu,affine:units=10 (float32)", "model fx_mlp (Sequential, float32)"; with test flips (a
+    dpnet.flip_average.FlipAveraged) ", images averaged with their mirrors" after it."""
     from .config import format_layers
+    from .flip_average import FlipAveraged, unwrap
 
+    flips = ", images averaged with their mirrors" if isinstance(model, FlipAveraged) else ""
     record = meta.get("architecture") or {}
     dtype = np.dtype(next(iter(model.params.values())).dtype).name
     if record.get("type") == "FullyConnectedNet":
         dims = "-".join(map(str, [record["input_dim"], *record["hidden_dims"], record["num_classes"]]))
         return f"FullyConnectedNet {dims} ({record['normalization'] or 'no normalization'}, {record['activation']}, " \
-               f"{dtype})"
+               f"{dtype}){flips}"
     if record.get("type") == "Sequential":
-        return f"Sequential {format_layers(record['layers'])} ({dtype})"
+        return f"Sequential {format_layers(record['layers'])} ({dtype}){flips}"
     name = (meta.get("config") or {}).get("model")
-    return f"{'model ' + name + ' (' if name else '('}{type(model).__name__}, {dtype})"
+    return f"{'model ' + name + ' (' if name else '('}{type(unwrap(model)).__name__}, {dtype}){flips}"
 
 
 def check_output(path, what):

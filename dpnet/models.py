@@ -12,6 +12,7 @@ import inspect
 import numpy as np
 
 from . import layers
+from .flip_average import FlipAveraged  # noqa: F401 (dpnet.models.FlipAveraged: test-time flips)
 from .plugins import registry
 from .plugins.records import Layer
 from .solver_checks import accepts_keyword

@@ -10,7 +10,9 @@ smaller than 32). Reading them needs Pillow, which the plot extra brings (`pip i
 holds pixel values 0..255 of one image or of N: (3, 32, 32), (32, 32, 3), (N, 3, 32, 32) or (N, 32, 32, 3), of any
 real type; with --preprocessed, what `model.loss` takes instead (the mean image already subtracted). Every image is
 preprocessed as the training images were, with the mean image saved in the checkpoint; the probabilities are the
-softmax of the model's scores. One line per image: its name, then the top classes with their probabilities.
+softmax of the model's scores: with test flips (the run's --test-flips, or `--test-flips` here), of the average of the
+image's scores and its left-right mirror's. One line per image: its name, then the top classes with their
+probabilities.
 
 Exit codes: 0 done; 2 bad input (a missing or unreadable file, an array of another shape: one message); 130
 interrupted.
@@ -147,7 +149,7 @@ def run(argv=None):
         raise UsageError(f"--top must be a positive number of classes, got {args.top}")
     if args.json is not None:
         check_output(args.json, "JSON file (--json)")
-    model, _ = open_model(args.checkpoint, args.which)
+    model, _ = open_model(args.checkpoint, args.which, args.test_flips)
     inputs = read_inputs(args.images, args.preprocessed)
     probs = probabilities(model, model_inputs(model, inputs, args.checkpoint))
     names = model.class_names or class_names(probs.shape[1])

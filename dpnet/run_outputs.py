@@ -208,11 +208,13 @@ def _network(config, model):
     import numpy as np
 
     from .config import shown
+    from .flip_average import unwrap
 
     count = sum(int(np.size(value)) for value in model.params.values())
     if config["model"] is not None:
         options = f" {shown(config['model_options'])}" if config["model_options"] else ""
-        return f"model {config['model']}{options} ({type(model).__name__}, {count} parameters, {config['dtype']})"
+        kind = type(unwrap(model)).__name__
+        return f"model {config['model']}{options} ({kind}, {count} parameters, {config['dtype']})"
     if config["layers"] is not None:
         return f"Sequential {shown(config['layers'])} ({count} parameters, {config['dtype']})"
     dims = "-".join(map(str, [model.input_dim, *config["hidden_dims"], model.num_classes]))
@@ -240,6 +242,9 @@ def describe(comm, config, meta, solver):
                              if config[key] > 0)
         lines.append(f"dpnet-train: {kinds} on {config['mix_probability']:.0%} of the batches"
                      + (f" (CutMix on {config['cutmix_probability']:.0%} of them)" if "and" in kinds else ""))
+    if config["test_flips"]:
+        lines.append("dpnet-train: validation and test images are scored as the average of them and their mirrors "
+                     "(--test-flips)")
     if solver.ema is not None:
         every = f"every {solver.ema.every} steps" if solver.ema.every > 1 else "every step"
         lines.append(f"dpnet-train: an average of the parameters with decay {solver.ema.decay:g} ({every}) is scored "
@@ -291,8 +296,9 @@ def final_report(comm, solver, config, accuracies, tensorboard, outputs, seconds
               flush=True)
     minutes, secs = divmod(seconds, 60)
     source = ", the --ema average's" if solver.best_source == "ema" else ""
+    flips = "; images averaged with their mirrors" if config["test_flips"] else ""
     print(f"test accuracy {test_acc:.4f} (best validation accuracy {solver.best_val_acc:.4f}{source}; final parameters "
-          f"{final_acc:.4f}; {solver.epoch} epoch{'s' * (solver.epoch != 1)}, {int(minutes)}m{secs:04.1f}s on "
+          f"{final_acc:.4f}{flips}; {solver.epoch} epoch{'s' * (solver.epoch != 1)}, {int(minutes)}m{secs:04.1f}s on "
           f"{comm.size} process{'es' * (comm.size > 1)})", flush=True)
     if not config["quiet"]:
         ckdir = config["checkpoint_dir"]

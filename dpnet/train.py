@@ -100,8 +100,9 @@ INPUT_SHAPE = (3, 32, 32)
 def build_model(config):
     """The configuration's network: the plugin model `model` (its factory called with `model_options` and the run's
     values of the MODEL_RUN_KEYS it takes), a dpnet.models.Sequential of `layers`, or else the FullyConnectedNet of
-    the FC_KEYS. UsageError when it cannot be built (also for want of memory, or a plugin's failure), or when
-    --mixup or --cutmix is on and its loss takes no soft targets."""
+    the FC_KEYS; with `test_flips`, wrapped in a dpnet.flip_average.FlipAveraged. UsageError when it cannot be built
+    (also for want of memory, or a plugin's failure), when --mixup or --cutmix is on and its loss takes no soft
+    targets, or when --test-flips is on and it takes inputs other than images."""
     try:
         model = _build_model(config)
     except MemoryError as exc:
@@ -110,6 +111,13 @@ def build_model(config):
     if key and not getattr(model, "soft_targets", False):
         raise UsageError(f"{flag(key)} {shown(config[key])} needs a model whose loss takes soft targets "
                          f"(model.soft_targets, as the softmax's do); the {type(model).__name__} of the run does not")
+    if config["test_flips"]:
+        from .flip_average import FlipAveraged
+
+        try:
+            return FlipAveraged(model)
+        except ValueError as exc:
+            raise UsageError(f"--test-flips: {exc}") from None
     return model
 
 

@@ -417,6 +417,24 @@ def test_mpi_resume_after_sigkill_gives_the_uninterrupted_run(mpi2, cifar10_dir,
     assert printed_accuracy(resumed) == printed_accuracy(mpi2.result)
 
 
+@pytest.mark.timeout(300)
+def test_mpi_run_with_test_flips_prints_what_one_process_prints(mpi2, cifar10_dir, dpnet_cache_dir, mpiexec, tmp_path):
+    """--test-flips: the validation accuracies (so the best parameters) and the test accuracies are of the images
+    averaged with their mirrors, each process scoring its shard; 2 processes print what 1 does, and train the very
+    parameters of the run without it."""
+    args = [*SMALL, *RECIPE, "--dropout", "1", "--test-flips", "--data-dir", cifar10_dir, "--quiet"]
+    single = run_ok(*args, "--logdir", tmp_path / "one", cwd=tmp_path, cache=dpnet_cache_dir)
+    double = run_ok(*args, "--logdir", tmp_path / "two", mpiexec=mpiexec, n=2, cwd=tmp_path, cache=dpnet_cache_dir)
+    printed = [re.search(r"^(test accuracy .*); images averaged with their mirrors; 3 epochs", result.stdout,
+                         flags=re.M) for result in (single, double)]
+    assert all(printed) and printed[0][1] == printed[1][1], single.stdout + double.stdout
+    assert_same_state(tmp_path / "one" / "last.npz", tmp_path / "two" / "last.npz", tol=1e-10)
+    (flipped, meta), (plain, plain_meta) = (checkpoint(path) for path in (tmp_path / "two" / "last.npz",
+                                                                          mpi2.ckdir / "last.npz"))
+    assert meta["test_flips"] is True and meta["loss_history"] == plain_meta["loss_history"]
+    assert all(np.array_equal(flipped[key], plain[key]) for key in plain if key.startswith(("param/", "norm/")))
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("args, expected", [
     (["--batch-size", "1"], "the global batch (--batch-size 1) is smaller than the number of processes (2)"),

@@ -1,8 +1,9 @@
 """Using a trained model: dpnet.load_model, `python -m dpnet.evaluate`, `dpnet.predict` and `dpnet.export`.
 
-One small run of `python -m dpnet.train` (a FullyConnectedNet with batchnorm and dropout, float32) and one Solver run
-in this process (a Sequential with layernorm, batchnorm and dropout) on a slice of the real CIFAR-10 give the
-checkpoints; commands run as subprocesses where their exit code and output are tested, else in this process.
+One small run of `python -m dpnet.train` (a FullyConnectedNet with batchnorm and dropout, float32), the same run with
+`--test-flips`, and one Solver run in this process (a Sequential with layernorm, batchnorm and dropout) on a slice of
+the real CIFAR-10 give the checkpoints; commands run as subprocesses where their exit code and output are tested, else
+in this process.
 """
 
 import json
@@ -17,6 +18,7 @@ from processes import run_in_group
 import dpnet
 from dpnet import registry
 from dpnet.checkpoint import CheckpointError, load_checkpoint
+from dpnet.flip_average import FlipAveraged, unwrap
 from dpnet.loading import CIFAR10_CLASSES, ModelLoadError, load_model, preprocess
 
 DATA_FLAGS = ["--num-train", "1000", "--batch-size", "100", "--epochs", "3", "--seed", "3", "--lr", "2e-3",
@@ -83,17 +85,28 @@ def test_images(cifar10_dir, dpnet_cache_dir):
     return X, y
 
 
-@pytest.fixture(scope="module")
-def fc_run(cli, cifar10_dir, tmp_path_factory):
-    """A run of `python -m dpnet.train`: 3072-40-30-10, batchnorm, dropout 0.9, float32; its folder and the test
-    accuracies it printed (best, final) and its best validation accuracy, as printed (4 digits)."""
-    work = tmp_path_factory.mktemp("fc_run")
-    result = ok(cli("train", *DATA_FLAGS, "--hidden-dims", "40", "30", "--dropout", "0.9", "--data-dir", cifar10_dir,
-                    "--logdir", work / "run", "--quiet", cwd=work, timeout=180))
+def _train_run(cli, cifar10_dir, work, *flags):
+    """A run of `python -m dpnet.train`: 3072-40-30-10, batchnorm, dropout 0.9, float32, with `flags`; its folder,
+    the test accuracies it printed (best, final), its best validation accuracy, as printed (4 digits), and its
+    output."""
+    result = ok(cli("train", *DATA_FLAGS, "--hidden-dims", "40", "30", "--dropout", "0.9", *flags, "--data-dir",
+                    cifar10_dir, "--logdir", work / "run", "--quiet", cwd=work, timeout=180))
     found = re.search(r"^test accuracy (\d\.\d{4}) \(best validation accuracy (\d\.\d{4}); final parameters "
                       r"(\d\.\d{4});", result.stdout, flags=re.M)
     assert found, result.stdout
-    return dict(dir=work / "run", test=found[1], val=found[2], final=found[3])
+    return dict(dir=work / "run", test=found[1], val=found[2], final=found[3], stdout=result.stdout)
+
+
+@pytest.fixture(scope="module")
+def fc_run(cli, cifar10_dir, tmp_path_factory):
+    """A run of `python -m dpnet.train` (_train_run)."""
+    return _train_run(cli, cifar10_dir, tmp_path_factory.mktemp("fc_run"))
+
+
+@pytest.fixture(scope="module")
+def flip_run(cli, cifar10_dir, tmp_path_factory):
+    """fc_run's run with --test-flips: validation and test images scored averaged with their mirrors."""
+    return _train_run(cli, cifar10_dir, tmp_path_factory.mktemp("flip_run"), "--test-flips")
 
 
 def _solver_run(model, data, path):
@@ -326,13 +339,14 @@ def _onnx_scores(path, X):
 
 
 @pytest.mark.timeout(120)
-def test_onnx_export_gives_dpnets_scores_on_cifar10(fc_run, seq_solver, test_images, tmp_path, capsys):
+def test_onnx_export_gives_dpnets_scores_on_cifar10(fc_run, seq_solver, flip_run, test_images, tmp_path, capsys):
     import onnx
 
     from dpnet import export
 
     X, _ = test_images
-    for name, path in (("fc", fc_run["dir"] / "best.npz"), ("seq", seq_solver[1])):
+    checkpoints = (("fc", fc_run["dir"] / "best.npz"), ("seq", seq_solver[1]), ("flip", flip_run["dir"] / "best.npz"))
+    for name, path in checkpoints:
         code, out, err = in_process(export.main, [path, tmp_path / f"{name}.onnx"], capsys)
         assert code == 0 and "checked with onnxruntime" in out, out + err
         model = load_model(path)
@@ -345,7 +359,88 @@ def test_onnx_export_gives_dpnets_scores_on_cifar10(fc_run, seq_solver, test_ima
         ops = {node.op_type for node in graph.graph.node}
         assert {"Gemm", "Relu", "Sub", "Div"} <= ops and "Dropout" not in ops, ops
         assert ("LayerNormalization" in ops) == (name == "seq")
-        assert json.loads({p.key: p.value for p in graph.metadata_props}["dpnet.classes"]) == list(CIFAR10_CLASSES)
+        assert ({"Slice", "Concat", "Split"} <= ops) == (name == "flip") == isinstance(model, FlipAveraged)
+        props = {p.key: p.value for p in graph.metadata_props}
+        assert json.loads(props["dpnet.classes"]) == list(CIFAR10_CLASSES)
+        assert json.loads(props["dpnet.test_flips"]) is (name == "flip")
+
+
+# ----------------------------------------------------------------------------------------------- test-time flips
+@pytest.mark.timeout(240)
+def test_a_run_with_test_flips_trains_the_same_parameters_and_scores_images_with_their_mirrors(fc_run, flip_run):
+    (plain, plain_meta), (flipped, meta) = (load_checkpoint(run["dir"] / "last.npz") for run in (fc_run, flip_run))
+    assert meta["loss_history"] == plain_meta["loss_history"]
+    params = [key for key in plain if key.startswith(("param/", "norm/", "optim/"))]
+    assert params and all(np.array_equal(flipped[key], plain[key]) for key in params)  # bit for bit
+    assert meta["test_flips"] is meta["config"]["test_flips"] is True and plain_meta["test_flips"] is False
+    assert meta["model"] == "FullyConnectedNet" and meta["architecture"] == plain_meta["architecture"]
+    assert meta["val_acc_history"] != plain_meta["val_acc_history"]  # scored with the mirrors
+    assert "; images averaged with their mirrors; 3 epochs" in flip_run["stdout"]
+    assert "mirrors" not in fc_run["stdout"]
+    model = load_model(flip_run["dir"] / "best.npz")
+    assert isinstance(model, FlipAveraged) and model.mean_image.shape == (3, 32, 32) and model.class_names
+    assert type(load_model(flip_run["dir"] / "best.npz", test_flips=False)).__name__ == "FullyConnectedNet"
+
+
+@pytest.mark.timeout(240)
+def test_evaluate_prints_the_accuracy_a_run_with_test_flips_printed(fc_run, flip_run, cli, cifar10_dir, tmp_path,
+                                                                    capsys):
+    from dpnet import evaluate
+
+    best = ok(cli("evaluate", flip_run["dir"] / "best.npz", "--data-dir", cifar10_dir, "--no-plot", cwd=tmp_path))
+    assert accuracy_line(best.stdout) == flip_run["test"]
+    assert "(batchnorm, relu, float32), images averaged with their mirrors" in best.stdout
+    cases = [  # (checkpoint, flags, the accuracy printed by a run)
+        (flip_run, ["--which", "final"], flip_run["final"]),
+        (flip_run, ["--split", "val"], flip_run["val"]),
+        (flip_run, ["--which", "final", "--no-test-flips"], fc_run["final"]),  # the same final parameters
+        (fc_run, ["--which", "final", "--test-flips"], flip_run["final"]),
+    ]
+    for run, flags, expected in cases:
+        code, out, err = in_process(evaluate.main, [run["dir"] / "last.npz", *flags, "--data-dir", cifar10_dir,
+                                                    "--no-plot"], capsys)
+        assert code == 0 and err == "", err
+        assert accuracy_line(out, "val" if "val" in flags else "test") == expected, (run["dir"], flags)
+
+
+@pytest.mark.timeout(120)
+def test_predict_gives_the_probabilities_of_the_averaged_scores(flip_run, test_images, tmp_path, capsys):
+    from dpnet import predict
+
+    X, _ = test_images
+    np.save(tmp_path / "images.npy", X[:3])
+    model = load_model(flip_run["dir"] / "best.npz")
+    inner, images = unwrap(model), preprocess(model, X[:3])
+    assert np.array_equal(model.loss(images), (inner.loss(images) + inner.loss(images[..., ::-1])) * 0.5)
+    for flags, scorer in (([], model), (["--no-test-flips"], inner)):
+        argv = [flip_run["dir"] / "best.npz", tmp_path / "images.npy", *flags, "--json", tmp_path / "p.json"]
+        code, _, err = in_process(predict.main, argv, capsys)
+        assert code == 0 and err == "", err
+        predicted = _predicted(tmp_path / "p.json")
+        assert [_probabilities(p) for p in predicted.values()] == softmax(scorer, X[:3]).tolist(), flags
+
+
+@pytest.mark.timeout(120)
+def test_test_flips_on_a_model_of_vectors_exit_2_with_one_message(tmp_path, capsys):
+    from dpnet import evaluate, export, predict
+    from dpnet.models import Sequential
+    from dpnet.solver import Solver
+
+    rng = np.random.default_rng(0)
+    flat = dict(X_train=rng.standard_normal((40, 3072)), y_train=rng.integers(0, 10, 40),
+                X_val=rng.standard_normal((10, 3072)), y_val=rng.integers(0, 10, 10))
+    Solver(Sequential([{"layer": "affine", "units": 10}], input_dim=3072), flat, num_epochs=1, batch_size=20,
+           checkpoint_name=str(tmp_path / "flat"), verbose=False, seed=0).train()
+    path = tmp_path / "flat_epoch_1.npz"
+    assert load_checkpoint(path)[1]["test_flips"] is False
+    with pytest.raises(ModelLoadError, match=r"cannot be scored with test-time flips: test-time flips need a model of "
+                                             r"images \(C, H, W\); this Sequential takes inputs of shape \(3072,\)"):
+        load_model(path, test_flips=True)
+    np.save(tmp_path / "zeros.npy", np.zeros((3, 32, 32), dtype=np.uint8))
+    for module, extra in ((evaluate, []), (predict, [tmp_path / "zeros.npy"]), (export, [tmp_path / "m.onnx"])):
+        code, out, err = in_process(module.main, [path, *extra, "--test-flips"], capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1, (module, out, err)
+        assert err.startswith(f"{module.PROG}: error: checkpoint {path} cannot be scored with test-time flips: "), err
 
 
 # ----------------------------------------------------------------------------------------------- plugins
