@@ -47,12 +47,31 @@ class Augmentation:
         flips, dy, dx = choices
         if X.ndim != 4:
             raise ValueError(f"augmentation needs images of shape (N, C, H, W), got {X.shape}")
-        p = self.crop_padding
-        if p:
-            padded = np.pad(X, ((0, 0), (0, 0), (p, p), (p, p)))
-            windows = sliding_window_view(padded, X.shape[2:], axis=(2, 3))  # (n, C, 2p+1, 2p+1, H, W), no copy
-            X = windows[np.arange(len(X)), :, dy, dx]  # gathers only the chosen window of each image
-        else:
-            X = X.copy()
-        X[flips] = X[flips, :, :, ::-1]
-        return X
+        return crop_and_mirror(pad_images(X, self.crop_padding), flips, dy, dx, X.shape[2:])
+
+
+def pad_images(X, padding):
+    """X (n, C, H, W) with `padding` zeros around each image: a new array (n, C, H + 2p, W + 2p)."""
+    n, C, H, W = X.shape
+    p = int(padding)
+    padded = np.zeros((n, C, H + 2 * p, W + 2 * p), dtype=X.dtype)  # (np.pad takes longer)
+    padded[:, :, p:p + H, p:p + W] = X
+    return padded
+
+
+def crop_and_mirror(padded, flips, dy, dx, size):
+    """From images padded on every side, padded (n, C, H + 2p, W + 2p), the window of size (H, W) at (dy, dx) of each
+    image, mirrored left-right where `flips`: a new array (n, C, H, W) gathered in one pass (the mirror image of the
+    window at column dx is the window at column 2p - dx of the mirrored padded image)."""
+    n, C = padded.shape[:2]
+    H, W = size
+    flips = np.asarray(flips, dtype=bool)
+    dy, dx = np.asarray(dy), np.asarray(dx)
+    column = np.where(flips, padded.shape[3] - W - dx, dx)
+    out = np.empty((n, C, H, W), dtype=padded.dtype)
+    for flip in (False, True):
+        chosen = np.flatnonzero(flips == flip)
+        source = padded[..., ::-1] if flip else padded
+        windows = sliding_window_view(source, (H, W), axis=(2, 3))  # (n, C, 2p+1, 2p+1, H, W), no copy
+        out[chosen] = windows[chosen, :, dy[chosen], column[chosen]]
+    return out

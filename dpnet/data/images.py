@@ -3,6 +3,8 @@
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..augment import crop_and_mirror, pad_images
+
 _CHUNK_BYTES = 32 << 20  # float64 scratch memory per conversion step of a large ImageArray selection
 _CROP_CHUNK = 16  # images converted per step by ImageArray.crops: their float64 scratch stays in the L2 cache
 
@@ -96,16 +98,8 @@ class ImageArray:
         if self._raw.ndim != 4:
             raise ValueError(f"crops needs images of shape (N, C, H, W), got {self._raw.shape}")
         _, C, H, W = self._raw.shape
-        padded = np.zeros((n, C, H + 2 * p, W + 2 * p), dtype=np.uint8)
-        padded[:, :, p:p + H, p:p + W] = self._raw[rows]
-        # The mirror image of the crop at column dx is the crop at column 2p - dx of the mirrored padded image.
-        column = np.where(flips, 2 * p - dx, dx)
-        pixels = np.empty((n, C, H, W), dtype=np.uint8)
-        for flip in (False, True):
-            chosen = np.flatnonzero(flips == flip)
-            source = padded[..., ::-1] if flip else padded
-            windows = sliding_window_view(source, (H, W), axis=(2, 3))  # (n, C, 2p+1, 2p+1, H, W), no copy
-            pixels[chosen] = windows[chosen, :, dy[chosen], column[chosen]]
+        pixels = crop_and_mirror(pad_images(self._raw[rows], p), flips, dy, dx, (H, W))
+        column = np.where(flips, 2 * p - dx, dx)  # the mean image's crops are indexed alike
         means = self._shifted_means(p)
         out = np.empty((n, C, H, W), dtype=self._dtype)
         for start in range(0, n, _CROP_CHUNK):
