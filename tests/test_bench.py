@@ -195,6 +195,22 @@ def test_recipe_benchmark_runs(clean_env, cifar10_dir, mpiexec, tmp_path):
     assert results["environment"]["cpu"] in out
 
 
+def test_run_time_benchmark_runs(clean_env, cifar10_dir, dpnet_cache_dir):
+    """benchmarks/bench_run_time.py, tiny: two cases of whole runs, alternating; a row each with its times."""
+    small = "--num-train,512,--batch-size,128,--hidden-dims,16,--blas-threads,1"
+    out = run_script(clean_env, "bench_run_time.py", "--data-dir", cifar10_dir, "--epochs", "2", "--rounds", "1",
+                     "--case", f"plain=.:{small}", "--case", f"flips=.:{small},--test-flips", "--full-epochs",
+                     "flips=10", timeout=300, DPNET_CACHE_DIR=str(dpnet_cache_dir))
+    lines = out.splitlines()
+    assert lines[0].startswith("whole runs of 2 epochs, 1 rounds; ")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert set(rows) == {"plain", "flips"}
+    for name, (first, epoch, full, unit) in rows.items():
+        assert float(first) > 0 and float(epoch) > 0 and unit == "min"
+    first, epoch = float(rows["flips"][0]), float(rows["flips"][1])
+    assert float(rows["flips"][2]) == pytest.approx((first + 9 * epoch) / 60, abs=0.06)
+
+
 def test_shared_sum_benchmark_runs(clean_env, mpiexec):
     """benchmarks/bench_shared_sum.py, tiny: it measures the three ways and prints them."""
     out = run_script(clean_env, "bench_shared_sum.py", "--megabytes", "0.1", "--repeats", "3", "--warmup", "1",
