@@ -3,8 +3,9 @@
 Arrays are stored under `param/<name>`, `best/<name>`, `norm/<i>/<key>` (normalization state such as running
 statistics), `best_norm/<i>/<key>` (the normalization state that went with the best parameters),
 `optim/<name>/<key>` (update-rule state), `ema/<name>` and `ema_norm/<i>/<key>` (the average of the parameters and
-normalization state, dpnet.ema, when the Solver keeps one), `epoch_order` and `mean_image` (the float64 image
-subtracted from the training images, when they carry one); everything else (counters, histories, scalars of the rule
+normalization state, dpnet.ema, when the Solver keeps one), `epoch_order`, `mean_image` (the float64 image
+subtracted from the training images, when they carry one) and `zca` (the float32 ZCA matrix that then whitened them,
+dpnet.data.whitening, when the run had --zca); everything else (counters, histories, scalars of the rule
 configs, the seed, the run's configuration, and what dpnet.loading needs to rebuild the model: its architecture and the
 plugins providing its layers) is one JSON document under `meta`; with an average also `ema_val_acc_history`,
 `ema_iteration` (the step it last took in) and `best_source` ("live" or "ema": where the best parameters come from).
@@ -62,9 +63,7 @@ def solver_state(solver, config=None):
         arrays.update({f"optim/{name}/{key}": value for key, value in cfg_arrays.items()})
     if solver.epoch_order is not None:
         arrays["epoch_order"] = solver.epoch_order
-    mean_image = getattr(getattr(solver, "X_train", None), "mean_image", None)  # an ImageArray's (dpnet.data)
-    if mean_image is not None:
-        arrays["mean_image"] = np.asarray(mean_image, dtype=np.float64)
+    arrays.update(preprocessing(solver))
     from .flip_average import unwrap
     from .loading import model_record  # (lazily: dpnet.loading imports this module)
     meta = dict(
@@ -82,6 +81,21 @@ def solver_state(solver, config=None):
     )
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
+
+
+def preprocessing(solver):
+    """How the Solver's training images were made from pixels, as a checkpoint records it: {"mean_image": float64
+    (C, H, W)} when they carry the image subtracted from them (an ImageArray's, dpnet.data), with "zca": float32 (D, D)
+    when they were then whitened by it (dpnet.data.whitening.WhitenedImages); {} otherwise. A ZCA matrix without its
+    mean image would not say how to make the model's inputs, so it is recorded only with one."""
+    images = getattr(solver, "X_train", None)
+    mean_image, zca = getattr(images, "mean_image", None), getattr(images, "zca", None)
+    if mean_image is None:
+        return {}
+    recorded = {"mean_image": np.asarray(mean_image, dtype=np.float64)}
+    if zca is not None:
+        recorded["zca"] = np.asarray(zca, dtype=np.float32)
+    return recorded
 
 
 def save_checkpoint(path, solver, config=None):
@@ -121,14 +135,16 @@ def new_temporary_file(folder, suffix=".npz"):
 
 def load_checkpoint(path):
     """Read a checkpoint into (arrays, meta) without unpickling anything and without a read beyond what its members
-    declare (dpnet.checkpoint_reader checks the archive, each header and the meta fields); errors name the file."""
-    from .checkpoint_reader import meta_from, open_archive, read_member
+    declare (dpnet.checkpoint_reader checks the archive, each header and the meta fields, and the mean image and ZCA
+    matrix: preprocessing_arrays); errors name the file."""
+    from .checkpoint_reader import PREPROCESSING, meta_from, open_archive, preprocessing_arrays, read_member
 
     archive, members = open_archive(path)
     with archive:
         meta = meta_from(archive, members, path)
         arrays = {key: read_member(archive, member, path, key) for key, member in members.items()
-                  if key != "meta" and member.filename.endswith(".npy")}
+                  if key != "meta" and key not in PREPROCESSING and member.filename.endswith(".npy")}
+        arrays.update(preprocessing_arrays(archive, members, path))
     return arrays, meta
 
 

@@ -9,7 +9,10 @@ A checkpoint is a zip archive of .npy members (np.savez) plus the JSON document 
   member's CRC checked by reading it to its end.
 - `read_meta(path)`: only the `meta` member (at most META_LIMIT bytes), its fields checked (`check_meta`).
 - `checked_arrays(path, solver, meta)`: every array a Solver restores, read and checked against the model, the
-  update rule and the data of `solver` (`expected_arrays` says what each must be).
+  update rule and the data of `solver` (`expected_arrays` says what each must be; `_check_whitening`: a run resumed
+  with whitened images from a checkpoint of whitened images, by the same ZCA matrix).
+- `preprocessing_arrays(...)`: the mean image and the ZCA matrix of the training images (how a trained model's inputs
+  are made from pixels), each checked (dtype, shape, size, finite values) before its data are read.
 
 Every failure is a CheckpointError naming the file and what is wrong.
 """
@@ -27,6 +30,9 @@ from .checkpoint import FORMAT_VERSION, CheckpointError
 META_LIMIT = 64 << 20  # bytes of the meta member (histories of about a million iterations)
 HEADER_LIMIT = 4096  # bytes of an .npy header (numpy's own limit is 10000)
 MAX_MEMBERS = 100_000
+PREPROCESSING = ("mean_image", "zca")  # the members saying how the model's inputs are made from pixels
+MAX_IMAGE_VALUES = 1 << 16  # values of a mean image (CIFAR-10's: 3 x 32 x 32 = 3072); its ZCA matrix has their square
+ZCA_TOLERANCE = 1e-4  # relative to the largest entry: a resumed run's ZCA matrix is the checkpoint's within rounding
 _INT64_MAX = 2 ** 63 - 1
 
 
@@ -195,6 +201,65 @@ def _check_average_meta(meta, path):
                          f"{json.dumps(meta.get('best_source'))[:80]}")
 
 
+# ----------------------------------------------------------------------------------------------- preprocessing
+def preprocessing_arrays(archive, members, path):
+    """{"mean_image": ..., "zca": ...} of those the checkpoint holds, each checked from its header before its data
+    are read: the mean image floating point, of 1 to 3 dimensions and at most MAX_IMAGE_VALUES values; the ZCA matrix
+    float32 of shape (D, D), D the mean image's number of values (so at most 4 D^2 bytes are read); both finite. A ZCA
+    matrix without a mean image is refused: dpnet writes it only with one, the two together making the model's inputs
+    from pixels ((images - mean_image).reshape(N, D) @ zca, dpnet.data.whitening)."""
+    found = {}
+    if "mean_image" in members:
+        shape, dtype = _header(archive, members["mean_image"], path, "mean_image")
+        if dtype.kind != "f" or not 1 <= len(shape) <= 3 or not 1 <= math.prod(shape) <= MAX_IMAGE_VALUES:
+            raise fail_check(path, f"its mean image is {dtype} {list(shape)}, not an image of floating-point values "
+                                   f"(at most {MAX_IMAGE_VALUES} of them)")
+        found["mean_image"] = read_member(archive, members["mean_image"], path, "mean_image", shape, dtype,
+                                          math.prod(shape) * dtype.itemsize)
+    if "zca" in members:
+        if "mean_image" not in found:
+            raise fail_check(path, "it holds a ZCA matrix (zca) but no mean image (mean_image): the model's inputs "
+                                   "cannot be made from pixels")
+        side = found["mean_image"].size
+        shape, dtype = _header(archive, members["zca"], path, "zca")
+        if dtype != np.float32 or shape != (side, side):
+            raise fail_check(path, f"its ZCA matrix (zca) is {dtype} {list(shape)}, not float32 [{side}, {side}] "
+                                   f"(the mean image has {side} values)")
+        found["zca"] = read_member(archive, members["zca"], path, "zca", shape, dtype, side * side * 4)
+    for key, value in found.items():
+        if not np.isfinite(value).all():
+            raise fail_check(path, f"its {'mean image' if key == 'mean_image' else 'ZCA matrix (zca)'} holds NaN or "
+                                   f"infinite values")
+    return found
+
+
+def _check_whitening(archive, members, path, solver):
+    """CheckpointError unless the checkpoint's run and `solver` whiten their training images alike: both not at all,
+    or both by the same ZCA matrix (within ZCA_TOLERANCE: recomputed on another machine, it may differ by rounding).
+    The configuration check refuses a different --zca; this catches a checkpoint written before --zca existed resumed
+    with it, and other training images (another data folder)."""
+    from .checkpoint import preprocessing
+
+    ours = preprocessing(solver).get("zca")
+    if ours is None and "zca" not in members:
+        return
+    if ours is None:
+        raise CheckpointError(f"checkpoint {path}: its run trained on ZCA-whitened images (it holds their ZCA "
+                              f"matrix, zca), this run's are not whitened (--zca 0): resume with the checkpoint's "
+                              f"--zca")
+    if "zca" not in members:
+        raise CheckpointError(f"checkpoint {path}: its run trained on images that were not ZCA-whitened (it holds no "
+                              f"ZCA matrix), this run whitens them (--zca): resume without --zca")
+    theirs = read_member(archive, members["zca"], path, "zca", ours.shape, np.float32, ours.nbytes)
+    if not np.isfinite(theirs).all():
+        raise CheckpointError(f"checkpoint {path}: zca holds NaN or infinite values")
+    scale = float(np.max(np.abs(ours)))
+    if not np.max(np.abs(theirs - ours)) <= ZCA_TOLERANCE * scale:
+        raise CheckpointError(f"checkpoint {path}: its ZCA matrix is not the one of this run's training images (the "
+                              f"largest difference is {np.max(np.abs(theirs - ours)):.3g}, entries up to "
+                              f"{scale:.3g}): other images than its run's, or another --zca")
+
+
 # ----------------------------------------------------------------------------------------------- against a Solver
 def _header(archive, member, path, key):
     """(shape, dtype) from an .npy member's header alone."""
@@ -321,6 +386,7 @@ def checked_arrays(archive, members, path, solver, meta):
                                   "has it)")
     _check_values(path, arrays, model, meta, solver)
     _check_optim_scalars(path, meta, model, scalar_types)
+    _check_whitening(archive, members, path, solver)
     return arrays
 
 

@@ -49,6 +49,7 @@ DEFAULTS = dict(
     label_smoothing=0.1,
     augment=True,
     crop_padding=4,
+    zca=0.0,
     mixup=0.0,
     cutmix=0.0,
     mix_probability=1.0,
@@ -111,6 +112,9 @@ FLAGS = {
     "label_smoothing": ("float", "label smoothing of the softmax loss: the target puts this mass on all classes"),
     "augment": ("bool", "augment training images: random crops with --crop-padding and horizontal flips"),
     "crop_padding": ("int", "padding in pixels of the random crops of --augment"),
+    "zca": ("float", "ZCA-whiten the images (decorrelate their pixels) with this epsilon, in units of (pixel / 255)^2, "
+                     "e.g. 0.01 (0: off): the matrix is computed from the training images once and kept in the data "
+                     "cache; checkpoints keep it, so that evaluate, predict and export feed the model alike"),
     "mixup": ("float", "MixUp: each training image is blended with a partner from its batch, lam * image + "
                        "(1 - lam) * partner with lam ~ Beta(ALPHA, ALPHA), and its label alike (soft targets; softmax "
                        "loss); 0: off"),
@@ -277,7 +281,7 @@ class _KeyValueArgument(argparse.Action):
 
 
 _METAVARS = {"dtype": "{float32,float64}", "resume": "CHECKPOINT", "dropout": "P", "lr_decay": "FACTOR",
-             "weight_scale": "STD", "reg": "STRENGTH", "config": "FILE", "timeout": "SECONDS", "mixup": "ALPHA",
+             "weight_scale": "STD", "reg": "STRENGTH", "config": "FILE", "timeout": "SECONDS", "zca": "EPS", "mixup": "ALPHA",
              "cutmix": "ALPHA", "mix_probability": "P", "cutmix_probability": "P", "ema": "DECAY"}
 
 

@@ -40,6 +40,7 @@ def check_config(config, num_processes):
     need(config["weight_decay"] >= 0, "weight_decay", ">= 0")
     need(0 <= config["label_smoothing"] < 1, "label_smoothing", "in [0, 1)")
     need(config["crop_padding"] >= 0, "crop_padding", ">= 0")
+    need(config["zca"] >= 0, "zca", "an epsilon >= 0 (0: off)")
     for key in ("mixup", "cutmix"):
         need(config[key] >= 0, key, "an alpha >= 0 (0: off)")
     for key in ("mix_probability", "cutmix_probability"):

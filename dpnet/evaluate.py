@@ -4,12 +4,13 @@
     python -m dpnet.evaluate runs/<run>/last.npz --which final --split val --json scores.json
     mpiexec -n 2 python -m dpnet.evaluate runs/<run>/best.npz     # each process scores its part; one report
 
-It prints the accuracy, each class's accuracy, the confusion matrix (rows: true class, columns: predicted) and the
-most confused pairs, and draws the confusion matrix into `<checkpoint>-confusion-<split>.png` next to the checkpoint
-(with matplotlib, the plot extra). The images are preprocessed with the checkpoint's mean image and scored 100 at a
-time in test mode, each process a contiguous part, exactly as the Solver scores them (each image averaged with its
-left-right mirror when the run had --test-flips; `--test-flips` / `--no-test-flips` decide otherwise): the test
-accuracy of the best parameters is the one `python -m dpnet.train` printed at its end, to the last digit.
+It prints the accuracy, each class's accuracy, the confusion matrix (rows: true class, columns: predicted) and the most
+confused pairs, and draws the confusion matrix into `<checkpoint>-confusion-<split>.png` next to the checkpoint (with
+matplotlib, the plot extra). The images are preprocessed with the checkpoint's mean image (and whitened by its ZCA
+matrix when the run had --zca, by the function and in the chunks training used) and scored 100 at a time in test mode,
+each process a contiguous part, exactly as the Solver scores them (each image averaged with its left-right mirror when
+the run had --test-flips; `--test-flips` / `--no-test-flips` decide otherwise): the test accuracy of the best parameters
+is the one `python -m dpnet.train` printed at its end, to the last digit.
 
 Exit codes: 0 done; 2 bad input (one message, whatever the number of processes); 130 interrupted.
 """
@@ -57,8 +58,10 @@ def _data_folder(args, config):
 
 
 def split_images(model, meta, args, quiet=False):
-    """(X, y, note): the split's images as an ImageArray in the model's dtype (mean subtracted as in training) and
-    int64 labels; note says when the mean image had to be recomputed (checkpoints that do not hold it)."""
+    """(X, y, note): the split's images in the model's dtype, made as the training run made its own (an ImageArray:
+    mean subtracted; with the checkpoint's ZCA matrix, the whole split whitened by it as dpnet.train's load_data
+    whitens it, dpnet.data.whitening.whiten) and int64 labels; note says when the mean image had to be recomputed
+    (checkpoints that do not hold it)."""
     from .data_utils import ImageArray, load_CIFAR10_raw
 
     config = meta.get("config") or {}
@@ -82,7 +85,12 @@ def split_images(model, meta, args, quiet=False):
     else:
         raw, labels = X_test, y_test
     dtype = np.dtype(next(iter(model.params.values())).dtype)
-    return ImageArray(raw, mean, dtype), np.asarray(labels, dtype=np.int64), note
+    X = ImageArray(raw, mean, dtype)
+    if getattr(model, "zca", None) is not None:  # (the whole split on every process: the chunks training whitened)
+        from .data.whitening import whiten
+
+        X = whiten(X, model.zca, dtype)
+    return X, np.asarray(labels, dtype=np.int64), note
 
 
 # ----------------------------------------------------------------------------------------------- scoring

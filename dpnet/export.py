@@ -2,26 +2,31 @@
 
     python -m dpnet.export runs/<run>/best.npz model.onnx
 
-The graph takes what `model.loss(X)` takes: `images`, float32 (N, 3, 32, 32), the images with the training's mean
-image subtracted (`dpnet.load_model(...).mean_image`; dpnet.loading.preprocess does it), and gives `scores`, float32
-(N, classes). Its operators (opset 17): affine -> Gemm (after a Flatten where the input has more dimensions),
-relu -> Relu, batchnorm -> its test-mode arithmetic on the running statistics, (x - mean) / sqrt(var + eps) * gamma +
-beta, as Sub, Div, Mul and Add, layernorm -> LayerNormalization, dropout -> nothing (the identity in test mode). That
-covers FullyConnectedNet and Sequential networks of dpnet's built-in layers; any other layer (a plugin's) or model
-class is an error naming it. Float64 parameters are rounded to float32. A model trained with `--test-flips` (a
-dpnet.flip_average.FlipAveraged; `--test-flips`/`--no-test-flips` here decide otherwise) is exported with its mirror
-branch: the images' left-right mirrors (a Slice with step -1 on the last axis) are concatenated to the images on the
-batch axis, the network runs once on both, and the two halves (Split) are averaged, (a + b) * 0.5, as dpnet does. The
-model's metadata hold the class names (`dpnet.classes`) and whether it averages with mirrors (`dpnet.test_flips`).
-The file is written atomically; before that, onnx's checker validates the graph and, when onnxruntime is installed
-(the onnx extra: `pip install 'dpnet[onnx]'`), the graph is run on a batch of images and compared with dpnet's own
-scores (exit code 1 if they disagree beyond float32 rounding).
+The graph takes `images`, float32 (N, 3, 32, 32), the images with the training's mean image subtracted
+(`dpnet.load_model(...).mean_image`; for a run without --zca that is what `model.loss(X)` takes,
+dpnet.loading.preprocess), and gives `scores`, float32 (N, classes). A model trained on ZCA-whitened images (--zca: the
+checkpoint holds the matrix, `model.zca`) whitens them first, as dpnet.loading.preprocess does: Reshape to (N, 3072),
+MatMul by the matrix, Reshape back to (N, 3, 32, 32), before anything else (the mirror branch below included: the
+network takes, and --test-flips mirrors, whitened images, as training flips them). Its other operators (opset 17):
+affine -> Gemm (after a Flatten where the input has more dimensions), relu -> Relu, batchnorm -> its test-mode
+arithmetic on the running statistics, (x - mean) / sqrt(var + eps) * gamma + beta, as Sub, Div, Mul and Add, layernorm
+-> LayerNormalization, dropout -> nothing (the identity in test mode). That covers FullyConnectedNet and Sequential
+networks of dpnet's built-in layers; any other layer (a plugin's) or model class is an error naming it. Float64
+parameters are rounded to float32. A model trained with `--test-flips` (a dpnet.flip_average.FlipAveraged;
+`--test-flips`/`--no-test-flips` here decide otherwise) is exported with its mirror branch: the images' left-right
+mirrors (a Slice with step -1 on the last axis) are concatenated to the images on the batch axis, the network runs once
+on both, and the two halves (Split) are averaged, (a + b) * 0.5, as dpnet does. The model's metadata hold the class
+names (`dpnet.classes`), whether it averages with mirrors (`dpnet.test_flips`) and whether it whitens its input
+(`dpnet.zca`). The file is written atomically; before that, onnx's checker validates the graph and, when onnxruntime is
+installed (the onnx extra: `pip install 'dpnet[onnx]'`), the graph is run on a batch of images and compared with dpnet's
+own scores (exit code 1 if they disagree beyond float32 rounding).
 
 Exit codes: 0 done; 1 the exported graph disagrees with dpnet; 2 bad input (one message); 130 interrupted.
 """
 
 import importlib.util
 import json
+import math
 import sys
 
 import numpy as np
@@ -159,6 +164,14 @@ def to_onnx(model, class_names=None):
         raise ExportError(f"test-time flips need images (C, H, W); the {type(net).__name__} takes inputs of shape "
                           f"{shape}")
     x, rank = "images", 1 + len(shape)
+    zca = getattr(net, "zca", None)
+    if zca is not None:  # the whitening first: the network takes (and the mirrors are of) whitened images
+        size = math.prod(shape)
+        if tuple(zca.shape) != (size, size):
+            raise ExportError(f"the ZCA matrix is {list(zca.shape)}, not [{size}, {size}] for inputs of shape {shape}")
+        rows = graph.op("Reshape", [x, graph.const_int64("zca.rows", [-1, size])])
+        x = graph.op("Reshape", [graph.op("MatMul", [rows, graph.const("zca.matrix", zca)]),
+                                 graph.const_int64("zca.images", [-1, *shape])])
     if flips:  # the mirrors after the images on the batch axis: one pass of the network over 2N rows
         int64_min = np.iinfo(np.int64).min  # (an end before the first element: the slice runs to index 0)
         mirrored = graph.op("Slice", [x, graph.const_int64("mirror.starts", [-1]),
@@ -174,13 +187,15 @@ def to_onnx(model, class_names=None):
     graph.nodes[-1].output[0] = "scores"  # the last op's output (dropout adds none, so one exists)
     inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", *shape])]
     outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", int(net.num_classes)])]
+    whitened = ", whitened by the training's ZCA matrix" if zca is not None else ""
     averaged = ", averaged with the scores of their left-right mirrors" if flips else ""
     proto = helper.make_model(
         helper.make_graph(graph.nodes, "dpnet", inputs, outputs, initializer=graph.initializers),
         opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dpnet", producer_version=__version__,
-        doc_string=f"scores of images (N, 3, 32, 32) from which the training's mean image was subtracted{averaged}")
+        doc_string=f"scores of images (N, 3, 32, 32) from which the training's mean image was subtracted{whitened}"
+                   f"{averaged}")
     proto.ir_version = IR_VERSION
-    props = {"dpnet.test_flips": json.dumps(flips)}
+    props = {"dpnet.test_flips": json.dumps(flips), "dpnet.zca": json.dumps(zca is not None)}
     if class_names is not None:
         props["dpnet.classes"] = json.dumps(list(class_names))
     helper.set_model_props(proto, props)
@@ -188,22 +203,33 @@ def to_onnx(model, class_names=None):
     return proto
 
 
+def graph_inputs_to_model(model, images):
+    """What model.loss takes for the graph's input `images` (mean subtracted): the images themselves, or whitened by
+    the model's ZCA matrix as dpnet.loading.preprocess whitens them."""
+    zca = getattr(model, "zca", None)
+    if zca is None:
+        return images
+    from .data.whitening import whiten
+
+    return whiten(images, zca, np.dtype(next(iter(model.params.values())).dtype))
+
+
 def check_with_onnxruntime(data, model, images):
-    """(onnxruntime's version, the largest |difference| between the serialized graph's scores and dpnet's on
-    `images`, the largest |score|); None when onnxruntime is not installed."""
+    """(onnxruntime's version, the largest |difference| between the serialized graph's scores on `images` (its
+    input: mean subtracted) and dpnet's, the largest |score|); None when onnxruntime is not installed."""
     try:
         import onnxruntime
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     theirs = session.run(["scores"], {"images": images.astype(np.float32)})[0]
-    ours = model.loss(images)
+    ours = model.loss(graph_inputs_to_model(model, images))
     return onnxruntime.__version__, float(np.max(np.abs(theirs - ours))), float(np.max(np.abs(ours)))
 
 
 def _sample_images(model, count=16):
-    """Images as the model takes them, to compare the graph with: random pixels minus the mean image (or, without
-    one, values of the same spread)."""
+    """Inputs of the graph, to compare it with dpnet: random pixels minus the mean image (or, without one, values of
+    the same spread)."""
     rng = np.random.default_rng(0)
     shape = input_shape(model)
     mean = getattr(model, "mean_image", None)
@@ -217,8 +243,9 @@ def _sample_images(model, count=16):
 
 def build_parser():
     result = parser(PROG, "Export a trained network, in test mode, as an ONNX graph: input `images` float32\n"
-                          "(N, 3, 32, 32), preprocessed as in training; output `scores` float32 (N, classes)\n"
-                          "(with test flips, the average of the images' and their mirrors' scores).")
+                          "(N, 3, 32, 32), the training's mean image subtracted (a --zca run's graph whitens them);\n"
+                          "output `scores` float32 (N, classes) (with test flips, the average of the images' and\n"
+                          "their mirrors' scores).")
     result.add_argument("output", metavar="OUTPUT", help="the ONNX file to write (model.onnx)")
     result.add_argument("--no-check", action="store_true",
                         help="do not compare the graph's scores with dpnet's through onnxruntime")

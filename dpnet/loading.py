@@ -8,6 +8,8 @@ Besides the Solver's state (dpnet.checkpoint), a checkpoint records:
   the plugin and distribution that provided it, so that loading without the plugin names what to install;
 - the array "mean_image": float64 (3, 32, 32), the image subtracted from every input in training, when the training
   images carried it (dpnet.data.ImageArray, as the command line's do);
+- the array "zca": float32 (3072, 3072), the ZCA matrix that then whitened them, when the run had --zca
+  (dpnet.data.whitening; only beside a mean image);
 - meta["test_flips"]: whether the model scored images as the average of them and their mirrors
   (dpnet.flip_average.FlipAveraged, `--test-flips`); the architecture and the class in meta["model"] are then those of
   the model it wraps, and `load_model` wraps the rebuilt model again.
@@ -250,11 +252,11 @@ def read_model(path, which="best", test_flips=None):
     model = _build(path, record, meta.get("config"))
     _load_arrays(path, model, arrays, which)
     set_test_mode(model)
-    mean = arrays.get("mean_image")
+    mean = arrays.get("mean_image")  # (and zca, of the mean's size: checked by load_checkpoint)
     if mean is not None and (mean.dtype.kind != "f" or mean.size != getattr(model, "input_dim", mean.size)):
         raise ModelLoadError(f"checkpoint {path} holds a mean image of {mean.dtype} {list(mean.shape)}, which does "
                              f"not fit the model's input")
-    model.mean_image = mean
+    model.mean_image, model.zca = mean, arrays.get("zca")
     num_classes = getattr(model, "num_classes", None)
     model.class_names = class_names(num_classes) if num_classes is not None else None
     flips = saved_test_flips(path, meta) if test_flips is None else test_flips
@@ -288,9 +290,10 @@ def load_model(path, which="best", test_flips=None):
     - test_flips: None (as the checkpoint's run scored images: its `--test-flips`), True (score each image as the
       average of it and its left-right mirror, dpnet.flip_average.FlipAveraged) or False (the images alone)
     Returns the model its saved architecture or configuration describes (a FullyConnectedNet, a Sequential with
-    plugin layers, a plugin's model; wrapped in a FlipAveraged with test flips), with two attributes added:
+    plugin layers, a plugin's model; wrapped in a FlipAveraged with test flips), with three attributes added:
     `mean_image`, float64 (3, 32, 32), the image subtracted from every training input (None when the checkpoint does
-    not hold it; see `preprocess`), and `class_names` (CIFAR-10's for 10 classes). Nothing is unpickled. Raises
+    not hold it; see `preprocess`), `zca`, float32 (3072, 3072), the ZCA matrix that then whitened the training
+    inputs (None for a run without --zca), and `class_names` (CIFAR-10's for 10 classes). Nothing is unpickled. Raises
     CheckpointError (ModelLoadError, naming the missing layer and plugin, when a plugin it needs is not installed, or
     saying why a model of inputs other than images cannot be scored with test flips).
     """
@@ -298,9 +301,19 @@ def load_model(path, which="best", test_flips=None):
 
 
 def preprocess(model, images):
-    """Images as the model takes them: float64 (images - model.mean_image) rounded once to the model's dtype, as the
-    training images were. images: pixel values (N, 3, 32, 32) (uint8 or any real type). ValueError when the model
-    has no mean image."""
+    """Images as the model takes them, made as the training images were: float64 (images - model.mean_image) rounded
+    once to the model's dtype; for a model trained on whitened images (`model.zca`, --zca), that difference rounded to
+    float32 and whitened by dpnet.data.whitening.whiten (float32 products, in the model's dtype), the very bits
+    training and dpnet.evaluate give each image. images: pixel values (N, 3, 32, 32) (uint8 or any real type).
+    ValueError when the model has no mean image."""
     if getattr(model, "mean_image", None) is None:
         raise ValueError("the model has no mean image: its checkpoint does not record the one of its training")
-    return np.subtract(images, model.mean_image, dtype=np.float64).astype(np.dtype(model.dtype), copy=False)
+    centered, dtype = np.subtract(images, model.mean_image, dtype=np.float64), np.dtype(model.dtype)
+    zca = getattr(model, "zca", None)
+    if zca is None:
+        return centered.astype(dtype, copy=False)
+    from .data.whitening import whiten
+
+    if centered.ndim == model.mean_image.ndim:  # one image
+        return whiten(centered[None], zca, dtype)[0]
+    return whiten(centered, zca, dtype)

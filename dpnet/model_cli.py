@@ -66,11 +66,13 @@ def open_model(path, which, test_flips=None):
 def describe(model, meta):
     """One line naming the model: "FullyConnectedNet 3072-40-30-10 (batchnorm, relu, float32)", "Sequential
     affine:units=40,relu,affine:units=10 (float32)", "model fx_mlp (Sequential, float32)"; with test flips (a
-    dpnet.flip_average.FlipAveraged) ", images averaged with their mirrors" after it."""
+    dpnet.flip_average.FlipAveraged) ", images averaged with their mirrors" after it, and for a model trained on
+    whitened images (--zca) ", inputs ZCA-whitened" after that."""
     from .config import format_layers
     from .flip_average import FlipAveraged, unwrap
 
     flips = ", images averaged with their mirrors" if isinstance(model, FlipAveraged) else ""
+    flips += ", inputs ZCA-whitened" if getattr(model, "zca", None) is not None else ""
     record = meta.get("architecture") or {}
     dtype = np.dtype(next(iter(model.params.values())).dtype).name
     if record.get("type") == "FullyConnectedNet":

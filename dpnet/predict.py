@@ -8,8 +8,10 @@ Pictures are turned upright (EXIF orientation), converted to RGB (transparent pa
 as CIFAR-10's images were made, by averaging the pixels each one covers (Pillow's BOX filter; BICUBIC when a side is
 smaller than 32). Reading them needs Pillow, which the plot extra brings (`pip install 'dpnet[plot]'`). An array
 holds pixel values 0..255 of one image or of N: (3, 32, 32), (32, 32, 3), (N, 3, 32, 32) or (N, 32, 32, 3), of any
-real type; with --preprocessed, what `model.loss` takes instead (the mean image already subtracted). Every image is
-preprocessed as the training images were, with the mean image saved in the checkpoint; the probabilities are the
+real type; with --preprocessed, what `model.loss` takes instead (the mean image already subtracted, and the result
+whitened for a checkpoint of a --zca run). Every image is preprocessed as the training images were, with the mean
+image saved in the checkpoint and, when the run had --zca, its ZCA matrix (dpnet.loading.preprocess); the
+probabilities are the
 softmax of the model's scores: with test flips (the run's --test-flips, or `--test-flips` here), of the average of the
 image's scores and its left-right mirror's. One line per image: its name, then the top classes with their
 probabilities.
@@ -41,7 +43,8 @@ def build_parser():
     result.add_argument("--top", type=int, default=3, metavar="K", help="how many classes to print per image "
                                                                         "(default: 3)")
     result.add_argument("--preprocessed", action="store_true",
-                        help=".npy arrays hold what model.loss takes (the mean image subtracted), not pixel values")
+                        help=".npy arrays hold what model.loss takes (the mean image subtracted, then whitened for "
+                             "a checkpoint of a --zca run), not pixel values")
     result.add_argument("--json", metavar="FILE", help="also write every class's probability to FILE as JSON")
     return result
 
@@ -126,7 +129,9 @@ def probabilities(model, X):
 
 
 def model_inputs(model, inputs, checkpoint):
-    """The (N, 3, 32, 32) array model.loss takes: pixels preprocessed with the checkpoint's mean image."""
+    """The (N, 3, 32, 32) array model.loss takes: pixels preprocessed with the checkpoint's mean image (and ZCA
+    matrix: dpnet.loading.preprocess, which gives each image the bits it has among the test set in training, however
+    many images it is whitened with)."""
     from .loading import preprocess
 
     dtype = np.dtype(next(iter(model.params.values())).dtype)
@@ -139,7 +144,10 @@ def model_inputs(model, inputs, checkpoint):
                          f"preprocessed, with --preprocessed")
     X = np.empty((len(inputs), *IMAGE_SHAPE), dtype=dtype)
     for i, (_, image, pre) in enumerate(inputs):
-        X[i] = image if pre else preprocess(model, image[None])[0]
+        if pre:
+            X[i] = image
+    if pixels:
+        X[pixels] = preprocess(model, np.stack([inputs[i][1] for i in pixels]))
     return X
 
 

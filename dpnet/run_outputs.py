@@ -242,6 +242,9 @@ def describe(comm, config, meta, solver):
                              if config[key] > 0)
         lines.append(f"dpnet-train: {kinds} on {config['mix_probability']:.0%} of the batches"
                      + (f" (CutMix on {config['cutmix_probability']:.0%} of them)" if "and" in kinds else ""))
+    if config["zca"]:
+        lines.append(f"dpnet-train: the images are ZCA-whitened (--zca {config['zca']:g}) by the matrix of the "
+                     "training images, which the checkpoints keep")
     if config["test_flips"]:
         lines.append("dpnet-train: validation and test images are scored as the average of them and their mirrors "
                      "(--test-flips)")

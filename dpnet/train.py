@@ -88,10 +88,15 @@ def load_data(folder, config):
     from .data_utils import get_CIFAR10_data
 
     try:
-        return get_CIFAR10_data(num_training=config["num_train"], num_validation=NUM_VALIDATION, num_test=10000,
+        data = get_CIFAR10_data(num_training=config["num_train"], num_validation=NUM_VALIDATION, num_test=10000,
                                 data_dir=folder, dtype=np.dtype(config["dtype"]), lazy=True, download=False)
     except (OSError, ValueError) as exc:
         raise _data_error(exc) from None
+    if config["zca"]:
+        from .data.whitening import whitened_data
+
+        data = whitened_data(data, config["zca"], np.dtype(config["dtype"]))
+    return data
 
 
 INPUT_SHAPE = (3, 32, 32)

@@ -5,6 +5,7 @@ in this process. Without CIFAR-10 ($DPNET_TEST_DATA_DIR) or MPI the tests that n
 when $CI is set.
 """
 
+import json
 import os
 import re
 import signal
@@ -245,6 +246,66 @@ def test_resume_refuses_a_different_configuration_or_model(serial, cifar10_dir, 
     assert last.read_bytes() == before
 
 
+ZCA = ["--zca", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def zca_serial(cifar10_dir, dpnet_cache_dir, tmp_path_factory):
+    """serial's run with --zca 0.01 (every image whitened by the ZCA matrix of the training images), 2 epochs."""
+    work = tmp_path_factory.mktemp("zca_serial")
+    result = run_ok(*SMALL, "--epochs", "2", "--dropout", "0.8", *ZCA, "--data-dir", cifar10_dir, "--logdir",
+                    work / "logs", "--checkpoint-dir", work / "ck", cwd=work, cache=dpnet_cache_dir)
+    return Run(result, work)
+
+
+@pytest.mark.timeout(300)
+def test_a_zca_run_resumed_after_sigkill_gives_the_uninterrupted_run(zca_serial, cifar10_dir, dpnet_cache_dir,
+                                                                     tmp_path):
+    """The resumed run whitens its images by the same matrix (from the data cache), so it continues exactly."""
+    args = [*SMALL, "--epochs", "2", "--dropout", "0.8", *ZCA, "--data-dir", cifar10_dir, "--logdir",
+            tmp_path / "logs", "--checkpoint-dir", tmp_path / "ck"]
+    killed = cli(*args, script=KILLER, cwd=tmp_path, cache=dpnet_cache_dir, KILL_AT_ITERATION="15")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    last = tmp_path / "ck" / "last.npz"
+    arrays, meta = checkpoint(last)
+    assert meta["epoch"] == 1 and meta["config"]["zca"] == 0.01
+    assert arrays["zca"].shape == (3072, 3072) and arrays["zca"].dtype == np.float32
+    resumed = run_ok("--resume", last, "--quiet", "--logdir", tmp_path / "logs", "--checkpoint-dir", tmp_path / "ck",
+                     cwd=tmp_path, cache=dpnet_cache_dir)
+    assert_same_state(zca_serial.ckdir / "last.npz", last)  # the matrix, the parameters, the histories
+    assert printed_accuracy(resumed) == printed_accuracy(zca_serial.result)
+    assert "the images are ZCA-whitened (--zca 0.01)" in zca_serial.result.stdout
+
+
+def _without_zca_in_meta(source, target):
+    """`source` as a checkpoint written before --zca existed: no zca key in its saved configuration."""
+    with np.load(source, allow_pickle=False) as archive:
+        members = {key: archive[key] for key in archive.files}
+    meta = json.loads(str(members["meta"]))
+    del meta["config"]["zca"]
+    members["meta"] = np.array(json.dumps(meta))
+    np.savez(target, **members)
+    return target
+
+
+@pytest.mark.timeout(300)
+def test_resume_refuses_another_zca(zca_serial, serial, cifar10_dir, dpnet_cache_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPNET_CACHE_DIR", str(dpnet_cache_dir))
+    last = zca_serial.ckdir / "last.npz"
+    before = last.read_bytes()
+    for value, shown in (("0.02", "0.02"), ("0", "0.0")):
+        code, err = _main(["--resume", last, "--zca", value, "--logdir", tmp_path / "logs"], capsys)
+        assert code == 2 and f"--zca {shown} (the checkpoint has 0.01)" in err, err
+    # A checkpoint written before --zca existed (its configuration has no zca): resumed with --zca, its images
+    # would be whitened now and not before; the restore sees that the checkpoint holds no matrix.
+    old = _without_zca_in_meta(serial.ckdir / "last.npz", tmp_path / "old.npz")
+    code, err = _main(["--resume", old, *ZCA, "--epochs", "4", "--logdir", tmp_path / "logs"], capsys)
+    assert code == 2 and err.count("error") == 1, err
+    assert (f"checkpoint {old}: its run trained on images that were not ZCA-whitened (it holds no ZCA matrix), this "
+            "run whitens them (--zca): resume without --zca") in err
+    assert last.read_bytes() == before and not (tmp_path / "logs").exists()
+
+
 @pytest.mark.timeout(300)
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(cifar10_dir, dpnet_cache_dir, tmp_path):
     # The learning rate is multiplied by 1e9 after epoch 1: plain SGD diverges during epoch 2.
@@ -303,6 +364,8 @@ BAD = {
     "smoothing a hinge": (["--loss", "svm"], "--label-smoothing must be 0 with a loss other than softmax, got 0.1"),
     "unknown schedule": (["--lr-schedule", "linear"], "--lr-schedule must be one of exponential, step, cosine"),
     "negative weight decay": (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    "negative zca epsilon": (["--zca", "-1"], "--zca must be an epsilon >= 0 (0: off), got -1.0"),
+    "infinite zca epsilon": (["--zca", "inf"], "--zca must be a finite number, got inf"),
     "unknown update rule": (["--update-rule", "nadamz"], "unknown --update-rule 'nadamz'; the choices are: "),
     "zero epochs": (["--epochs", "0"], "--epochs must be a positive integer"),
     "dropout 0": (["--dropout", "0"], "--dropout must be a keep probability in (0, 1]"),
@@ -433,6 +496,18 @@ def test_mpi_run_with_test_flips_prints_what_one_process_prints(mpi2, cifar10_di
                                                                           mpi2.ckdir / "last.npz"))
     assert meta["test_flips"] is True and meta["loss_history"] == plain_meta["loss_history"]
     assert all(np.array_equal(flipped[key], plain[key]) for key in plain if key.startswith(("param/", "norm/")))
+
+
+@pytest.mark.timeout(300)
+def test_mpi_run_with_zca_prints_what_one_process_prints(cifar10_dir, dpnet_cache_dir, mpiexec, tmp_path):
+    """--zca: every process whitens all the images by the same matrix (the same bits, whatever its BLAS threads), so
+    2 processes still compute what 1 does (crops and flips of the whitened images included)."""
+    args = [*SMALL, *RECIPE, "--epochs", "2", "--dropout", "1", *ZCA, "--data-dir", cifar10_dir, "--quiet"]
+    single = run_ok(*args, "--logdir", tmp_path / "one", cwd=tmp_path, cache=dpnet_cache_dir)
+    double = run_ok(*args, "--logdir", tmp_path / "two", mpiexec=mpiexec, n=2, cwd=tmp_path, cache=dpnet_cache_dir)
+    assert printed_accuracy(double) == printed_accuracy(single)
+    assert_same_state(tmp_path / "one" / "last.npz", tmp_path / "two" / "last.npz", tol=1e-10)
+    assert checkpoint(tmp_path / "two" / "last.npz")[1]["num_processes"] == 2
 
 
 @pytest.mark.timeout(120)

@@ -1,9 +1,9 @@
 """Using a trained model: dpnet.load_model, `python -m dpnet.evaluate`, `dpnet.predict` and `dpnet.export`.
 
 One small run of `python -m dpnet.train` (a FullyConnectedNet with batchnorm and dropout, float32), the same run with
-`--test-flips`, and one Solver run in this process (a Sequential with layernorm, batchnorm and dropout) on a slice of
-the real CIFAR-10 give the checkpoints; commands run as subprocesses where their exit code and output are tested, else
-in this process.
+`--test-flips`, with `--zca` (whitened images) and with both, and one Solver run in this process (a Sequential with
+layernorm, batchnorm and dropout) on a slice of the real CIFAR-10 give the checkpoints; commands run as subprocesses
+where their exit code and output are tested, else in this process.
 """
 
 import json
@@ -441,6 +441,153 @@ def test_test_flips_on_a_model_of_vectors_exit_2_with_one_message(tmp_path, caps
         code, out, err = in_process(module.main, [path, *extra, "--test-flips"], capsys)
         assert code == 2 and out == "" and err.count("\n") == 1, (module, out, err)
         assert err.startswith(f"{module.PROG}: error: checkpoint {path} cannot be scored with test-time flips: "), err
+
+
+# ----------------------------------------------------------------------------------------------- ZCA whitening
+@pytest.fixture(scope="module")
+def zca_run(cli, cifar10_dir, tmp_path_factory):
+    """fc_run's run with --zca 0.01: every image whitened by the ZCA matrix of its 1000 training images."""
+    return _train_run(cli, cifar10_dir, tmp_path_factory.mktemp("zca_run"), "--zca", "0.01")
+
+
+@pytest.fixture(scope="module")
+def zca_flip_run(cli, cifar10_dir, tmp_path_factory):
+    """zca_run's run with --test-flips: whitened images scored averaged with their mirrors."""
+    return _train_run(cli, cifar10_dir, tmp_path_factory.mktemp("zca_flip_run"), "--zca", "0.01", "--test-flips")
+
+
+def _evaluated_images(path, cifar10_dir):
+    """(model, the test images as dpnet.evaluate makes them: whitened, float32 (10000, 3, 32, 32))."""
+    from types import SimpleNamespace
+
+    from dpnet import evaluate
+    from dpnet.loading import read_model
+
+    model, meta = read_model(path)
+    X, _, _ = evaluate.split_images(model, meta, SimpleNamespace(split="test", data_dir=str(cifar10_dir),
+                                                                  checkpoint=str(path)))
+    return model, X
+
+
+@pytest.mark.timeout(240)
+def test_evaluate_prints_the_accuracy_a_zca_run_printed(zca_run, cli, cifar10_dir, dpnet_cache_dir, tmp_path, capsys,
+                                                        monkeypatch):
+    from dpnet import evaluate
+
+    monkeypatch.setenv("DPNET_CACHE_DIR", str(dpnet_cache_dir))
+    arrays, meta = load_checkpoint(zca_run["dir"] / "last.npz")
+    assert arrays["zca"].dtype == np.float32 and arrays["zca"].shape == (3072, 3072) and meta["config"]["zca"] == 0.01
+    best = ok(cli("evaluate", zca_run["dir"] / "best.npz", "--data-dir", cifar10_dir, "--no-plot", cwd=tmp_path))
+    assert accuracy_line(best.stdout) == zca_run["test"]
+    assert "(batchnorm, relu, float32), inputs ZCA-whitened" in best.stdout
+    for flags, expected in ((["--which", "final"], zca_run["final"]), (["--split", "val"], zca_run["val"])):
+        code, out, err = in_process(evaluate.main, [zca_run["dir"] / "last.npz", *flags, "--data-dir", cifar10_dir,
+                                                    "--no-plot"], capsys)
+        assert code == 0 and err == "", err
+        assert accuracy_line(out, "val" if "val" in flags else "test") == expected, flags
+
+
+@pytest.mark.timeout(240)
+def test_evaluate_prints_the_accuracy_a_zca_run_with_test_flips_printed(zca_run, zca_flip_run, cifar10_dir,
+                                                                        dpnet_cache_dir, capsys, monkeypatch):
+    from dpnet import evaluate
+
+    monkeypatch.setenv("DPNET_CACHE_DIR", str(dpnet_cache_dir))
+    (arrays, meta), (flip_arrays, flip_meta) = (load_checkpoint(run["dir"] / "last.npz")
+                                                for run in (zca_run, zca_flip_run))
+    assert np.array_equal(flip_arrays["zca"], arrays["zca"]) and flip_meta["loss_history"] == meta["loss_history"]
+    cases = [  # (checkpoint, flags, the accuracy printed by a run)
+        ("best.npz", [], zca_flip_run["test"]),
+        ("last.npz", ["--split", "val"], zca_flip_run["val"]),
+        ("last.npz", ["--which", "final", "--no-test-flips"], zca_run["final"]),  # the same final parameters
+    ]
+    for name, flags, expected in cases:
+        code, out, err = in_process(evaluate.main, [zca_flip_run["dir"] / name, *flags, "--data-dir", cifar10_dir,
+                                                    "--no-plot"], capsys)
+        assert code == 0 and err == "", err
+        assert accuracy_line(out, "val" if "val" in flags else "test") == expected, (name, flags)
+        assert ("images averaged with their mirrors, inputs ZCA-whitened" in out) == ("--no-test-flips" not in flags)
+
+
+@pytest.mark.timeout(240)
+def test_evaluate_under_mpiexec_whitens_a_zca_runs_images_alike(zca_flip_run, cli, mpiexec, cifar10_dir, tmp_path):
+    result = ok(cli("evaluate", zca_flip_run["dir"] / "best.npz", "--data-dir", cifar10_dir, "--no-plot",
+                    cwd=tmp_path, mpiexec=mpiexec, n=2, timeout=180))
+    assert accuracy_line(result.stdout) == zca_flip_run["test"] and "on 2 processes" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_predict_whitens_an_image_of_a_zca_run_as_training_and_evaluate_do(zca_run, zca_flip_run, test_images,
+                                                                            cifar10_dir, dpnet_cache_dir, tmp_path,
+                                                                            capsys, monkeypatch):
+    from PIL import Image
+
+    from dpnet import predict
+
+    monkeypatch.setenv("DPNET_CACHE_DIR", str(dpnet_cache_dir))
+    X, y = test_images
+    model, evaluated = _evaluated_images(zca_run["dir"] / "best.npz", cifar10_dir)
+    scores = np.concatenate([model.loss(evaluated[i:i + 100]) for i in (0, 100)]).astype(np.float64)  # as evaluate
+    in_batches = np.exp(scores - scores.max(axis=1, keepdims=True))
+    in_batches /= in_batches.sum(axis=1, keepdims=True)
+    index = int(np.flatnonzero(np.argmax(scores, axis=1) == y[:200])[0])
+    assert np.array_equal(preprocess(model, X[index:index + 1])[0], evaluated[index])  # the very bits
+    assert np.array_equal(preprocess(model, X[:200]), evaluated[:200])
+    probs = softmax(model, X[index:index + 1])[0]
+    np.testing.assert_allclose(probs, in_batches[index], rtol=0, atol=1e-6)  # (one row through the network)
+
+    Image.fromarray(X[index].transpose(1, 2, 0)).save(tmp_path / "image.png")
+    np.save(tmp_path / "images.npy", X[index:index + 3])
+    np.save(tmp_path / "pre.npy", preprocess(model, X[index:index + 3]))
+    for name, flags, expected in (("image.png", [], [probs]), ("images.npy", [], softmax(model, X[index:index + 3])),
+                                  ("pre.npy", ["--preprocessed"], softmax(model, X[index:index + 3]))):
+        argv = [zca_run["dir"] / "best.npz", tmp_path / name, *flags, "--json", tmp_path / "p.json"]
+        code, out, err = in_process(predict.main, argv, capsys)
+        assert code == 0 and err == "", err
+        assert [_probabilities(p) for p in _predicted(tmp_path / "p.json").values()] == np.asarray(expected).tolist()
+    assert out.startswith(f"{tmp_path / 'pre.npy'}[0]: {CIFAR10_CLASSES[y[index]]} ")
+
+    flipped = load_model(zca_flip_run["dir"] / "best.npz")
+    inner, images = unwrap(flipped), preprocess(flipped, X[:3])
+    assert np.array_equal(flipped.loss(images), (inner.loss(images) + inner.loss(images[..., ::-1])) * 0.5)
+    code, _, err = in_process(predict.main, [zca_flip_run["dir"] / "best.npz", tmp_path / "images.npy", "--json",
+                                             tmp_path / "f.json"], capsys)
+    assert code == 0 and err == "", err
+    expected = softmax(flipped, X[index:index + 3]).tolist()  # the mirrors of the whitened images
+    assert [_probabilities(p) for p in _predicted(tmp_path / "f.json").values()] == expected
+
+
+@pytest.mark.timeout(120)
+def test_onnx_export_of_a_zca_run_whitens_before_the_mirror_branch(zca_run, zca_flip_run, test_images, tmp_path,
+                                                                   capsys):
+    import onnx
+
+    from dpnet import export
+    from dpnet.data.whitening import whiten
+
+    X, _ = test_images
+    for name, run in (("zca", zca_run), ("zca-flip", zca_flip_run)):
+        path = tmp_path / f"{name}.onnx"
+        code, out, err = in_process(export.main, [run["dir"] / "best.npz", path], capsys)
+        assert code == 0 and "checked with onnxruntime" in out and "inputs ZCA-whitened" in out, out + err
+        model = load_model(run["dir"] / "best.npz")
+        centered = np.subtract(X[:1000], model.mean_image, dtype=np.float64).astype(np.float32)  # the graph's input
+        ours, theirs = model.loss(preprocess(model, X[:1000])), _onnx_scores(path, centered)
+        assert theirs.shape == ours.shape == (1000, 10)
+        assert np.max(np.abs(theirs - ours)) <= 1e-5 * max(1.0, np.max(np.abs(ours))), name
+        graph = onnx.load(path)
+        nodes = [node.op_type for node in graph.graph.node]
+        assert nodes[:3] == ["Reshape", "MatMul", "Reshape"], nodes  # the whitening first ...
+        assert ("Slice" in nodes) == (name == "zca-flip") == isinstance(model, FlipAveraged)
+        if "Slice" in nodes:  # ... then the mirrors of the whitened images
+            slice_node = graph.graph.node[nodes.index("Slice")]
+            assert slice_node.input[0] == graph.graph.node[2].output[0]
+            inner, white = unwrap(model), whiten(centered, model.zca, np.float32)
+            wrong = (inner.loss(white) + inner.loss(whiten(centered[..., ::-1], model.zca, np.float32))) * 0.5
+            assert np.max(np.abs(wrong - theirs)) > 1e-3 * np.max(np.abs(ours))  # (whitening the mirrors differs)
+        props = {p.key: p.value for p in graph.metadata_props}
+        assert json.loads(props["dpnet.zca"]) is True and json.loads(props["dpnet.test_flips"]) is (name != "zca")
+        assert "whitened by the training's ZCA matrix" in graph.doc_string
 
 
 # ----------------------------------------------------------------------------------------------- plugins

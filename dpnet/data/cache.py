@@ -67,7 +67,7 @@ def _read_cache(cdir, key):
     return tuple(out)
 
 
-def _save_atomic(path, arr):
+def save_atomic(path, arr):
     """np.save arr to path through a temporary file and os.replace, so readers never see a partial file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -87,7 +87,7 @@ def _write_cache(cdir, key, arrays):
     values = {("train", "images"): Xtr, ("train", "labels"): ytr, ("test", "images"): Xte, ("test", "labels"): yte}
     paths = _cache_paths(cdir, key)
     for k, path in paths.items():  # labels before images, per split
-        _save_atomic(path, values[k])
+        save_atomic(path, values[k])
     for old in cdir.glob(f"cifar10-{key[0]}-*.npy"):
         if old not in paths.values():
             old.unlink(missing_ok=True)
