@@ -2,10 +2,12 @@
 
     python benchmarks/bench_recipe.py --data-dir DIR [--processes 1 2] [--steps 60] [--warmup 10] [--rounds 3]
 
-The recipe is the command line's default (`dpnet.config.DEFAULTS`): 3072-1024-512-10 with batchnorm and ReLU,
-random crops (padding 4) and horizontal flips, softmax loss with label smoothing 0.1, sgd_momentum 0.9 with
-decoupled weight decay on the weights, the cosine schedule with warm-up, global batch 256, float32, on the real
-CIFAR-10 training images (uint8 in memory, mean image subtracted per batch). Each case is a fresh job that trains
+The recipe is the command line's default (`dpnet.config.DEFAULTS`): ZCA-whitened images (whitened once, before
+training), 3072-1024-512-10 with batchnorm and ReLU, random crops (padding 4) and horizontal flips, softmax loss with
+label smoothing 0.1, sgd_momentum 0.9 with decoupled weight decay on the weights, the cosine schedule with warm-up, a
+moving average of the parameters folded every 4 steps, global batch 256, float32, on the real CIFAR-10 training images
+(without --zca: uint8 in memory, mean image subtracted per batch). Scoring with flips happens only at evaluations,
+which are not timed. Each case is a fresh job that trains
 `--steps` steps; the first `--warmup` are left out, and a step's time is the wall time from one step's end to the
 next (the whole loop: everything a run does per step but the epoch-end evaluation). Cases alternate round by round in
 ABBA order so that a noisy machine slows them alike; the table gives medians, images/s (global batch / median step)
@@ -16,7 +18,8 @@ and the step's breakdown on rank 0:
   over processes), update; bookkeeping is the rest of the step (monitors, schedule, the loop).
 - PyTorch (optional, `pip install torch==2.13.0`): the same model (`nn.Sequential` of Linear, BatchNorm1d, ReLU),
   initialization, loss (`CrossEntropyLoss(label_smoothing=0.1)`), `torch.optim.SGD(momentum=0.9)` with the decay as
-  `torch._foreach_mul_` on the weights, the same schedule, and the same augmentation as batched tensor operations
+  `torch._foreach_mul_` on the weights, the average as `torch._foreach_lerp_`, the same schedule, the same whitened
+  images, and the same augmentation as batched tensor operations
   (gather, convert, subtract the mean, `F.pad`, one advanced-indexing gather of the crops, `torch.where` of the
   flips). Two processes: `DistributedDataParallel` over gloo (its gradient sum runs inside backward, so the exchange
   column is empty), each process normalizing with its own half of the batch (`BatchNorm1d`; dpnet synchronizes the
@@ -99,10 +102,14 @@ def torch_worker(args):
     if world > 1:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     config = {**DEFAULTS, "epochs": 1, "num_train": args.steps * DEFAULTS["batch_size"]}
-    data = load_data(str(args.data_dir), config)
-    images = torch.from_numpy(np.ascontiguousarray(data["X_train"].raw))  # uint8 (N, 3, 32, 32)
+    data = load_data(str(args.data_dir), config)  # whitened as dpnet's are with the default --zca
+    whitened = getattr(data["X_train"], "zca", None) is not None
+    if whitened:  # the whitened images as floats (whitening is done once, before training, in both)
+        images, mean = torch.from_numpy(np.asarray(data["X_train"])), None
+    else:  # uint8, converted per batch
+        images = torch.from_numpy(np.ascontiguousarray(data["X_train"].raw))
+        mean = torch.from_numpy(data["X_train"].mean_image.astype(np.float32))
     labels = torch.from_numpy(np.asarray(data["y_train"], dtype=np.int64))
-    mean = torch.from_numpy(data["X_train"].mean_image.astype(np.float32))
     batch, pad = config["batch_size"], config["crop_padding"]
     mine = slice(rank * batch // world, (rank + 1) * batch // world)
 
@@ -125,6 +132,7 @@ def torch_worker(args):
     generator = torch.Generator().manual_seed(config["seed"])  # the same global batch on every rank
     order = torch.randperm(len(labels), generator=generator)
     rows, columns = torch.arange(32), torch.arange(32)
+    averaged = [p.detach().clone() for p in net.parameters()] if config["ema"] else None  # --ema's average
     records = []
     for step in range(args.steps):
         start = time.perf_counter()
@@ -132,7 +140,7 @@ def torch_worker(args):
         flips = torch.rand(batch, generator=generator) < 0.5
         dy, dx = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator)
         index, flips, dy, dx = index[mine], flips[mine], dy[mine], dx[mine]
-        x = F.pad(images[index].float() - mean, (pad, pad, pad, pad))
+        x = F.pad(images[index] if whitened else images[index].float() - mean, (pad, pad, pad, pad))
         n = len(index)
         x = x[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
               (dy[:, None] + rows)[:, None, :, None], (dx[:, None] + columns)[:, None, None, :]]
@@ -149,6 +157,9 @@ def torch_worker(args):
         with torch.no_grad():
             torch._foreach_mul_(weights, 1 - lr * config["weight_decay"])
         optimizer.step()
+        if averaged is not None and (step + 1) % config["ema_every"] == 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(averaged, list(net.parameters()), 1 - config["ema"] ** config["ema_every"])
         updated = time.perf_counter()
         loss_value = loss.item()  # what a training loop logs
         if not np.isfinite(loss_value):

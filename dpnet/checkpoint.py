@@ -13,9 +13,11 @@ Floats round-trip exactly through JSON, and the Solver derives its random stream
 resumed from a checkpoint taken at an epoch boundary continues bit for bit.
 """
 
+import contextlib
 import json
 import os
 import secrets
+import signal
 
 import numpy as np
 
@@ -107,17 +109,31 @@ def save_checkpoint(path, solver, config=None):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     arrays = solver_state(solver, config)
-    fd, tmp = new_temporary_file(folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with signals_held():  # Ctrl-C or SIGTERM now would leave the temporary file: they wait for the write (< 1 s)
+        fd, tmp = new_temporary_file(folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     return path
+
+
+@contextlib.contextmanager
+def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Hold `signals` back from this thread inside the block; one that came meanwhile is delivered when it ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def new_temporary_file(folder, suffix=".npz"):

@@ -49,14 +49,14 @@ DEFAULTS = dict(
     label_smoothing=0.1,
     augment=True,
     crop_padding=4,
-    zca=0.0,
+    zca=0.1,
     mixup=0.0,
     cutmix=0.0,
     mix_probability=1.0,
     cutmix_probability=0.5,
-    ema=0.0,
-    ema_every=1,
-    test_flips=False,
+    ema=0.999,
+    ema_every=4,
+    test_flips=True,
     batch_size=256,
     epochs=100,
     dtype="float32",
@@ -281,8 +281,8 @@ class _KeyValueArgument(argparse.Action):
 
 
 _METAVARS = {"dtype": "{float32,float64}", "resume": "CHECKPOINT", "dropout": "P", "lr_decay": "FACTOR",
-             "weight_scale": "STD", "reg": "STRENGTH", "config": "FILE", "timeout": "SECONDS", "zca": "EPS", "mixup": "ALPHA",
-             "cutmix": "ALPHA", "mix_probability": "P", "cutmix_probability": "P", "ema": "DECAY"}
+             "weight_scale": "STD", "reg": "STRENGTH", "config": "FILE", "timeout": "SECONDS", "zca": "EPS",
+             "mixup": "ALPHA", "cutmix": "ALPHA", "mix_probability": "P", "cutmix_probability": "P", "ema": "DECAY"}
 
 
 def build_parser(rank=0):

@@ -27,8 +27,6 @@ class FlipAveraged:
     docstring). Raises ValueError when the model declares inputs that are not images (C, H, W): `input_shape` of
     another length (a Sequential of flat vectors, say)."""
 
-    __slots__ = ("model",)
-
     def __init__(self, model):
         if isinstance(model, FlipAveraged):
             raise ValueError("the model already averages the scores of images and their mirrors")
@@ -44,10 +42,16 @@ class FlipAveraged:
     def __setattr__(self, name, value):
         if name == "model":
             raise AttributeError("the model a FlipAveraged wraps cannot be replaced: wrap the other model")
-        setattr(self.model, name, value)
+        if name == "loss":  # a caller wrapping this model's loss wraps the averaging one, not the inner model's
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.model, name, value)
 
     def __delattr__(self, name):
-        delattr(self.model, name)
+        if name == "loss":
+            object.__delattr__(self, name)
+        else:
+            delattr(self.model, name)
 
     def __repr__(self):
         return f"FlipAveraged({self.model!r})"

@@ -368,7 +368,8 @@ def test_the_command_line_trains_on_two_nodes_and_one_process_resumes(emulate, c
     with the state of one process's uninterrupted 3 epochs."""
     small = ["--num-train", "400", "--hidden-dims", "40", "30", "--batch-size", "100", "--dtype", "float64",
              "--seed", "3", "--lr", "2e-3", "--update-rule", "adam", "--lr-schedule", "exponential",
-             "--lr-decay", "0.9", "--warmup-epochs", "0.5", "--quiet", "--data-dir", cifar10_dir]
+             "--lr-decay", "0.9", "--warmup-epochs", "0.5", "--quiet", "--zca", "0", "--ema", "0", "--no-test-flips",
+             "--data-dir", cifar10_dir]
     env = dict(DPNET_CACHE_DIR=str(dpnet_cache_dir))
     two = emulate(2, 2, *small, "--epochs", "2", "--checkpoint-dir", tmp_path / "two", "--logdir", tmp_path / "l2",
                   timeout=200, **env)

@@ -197,3 +197,23 @@ def test_a_plain_checkpoint_loads_with_test_flips_on_request(data, tmp_path):
     flipped = dpnet.load_model(tmp_path / "p_epoch_1.npz", test_flips=True)
     assert isinstance(flipped, FlipAveraged)
     assert np.array_equal(flipped.loss(X), FlipAveraged(solver.model).loss(X))
+
+
+def test_wrapping_the_loss_of_a_flip_averaged_model_wraps_the_averaging_loss():
+    inner = FullyConnectedNet([5], input_dim=3 * 4 * 4, num_classes=3, seed=0, dtype=np.float64)
+    model = FlipAveraged(inner)
+    averaging = model.loss
+    calls = []
+
+    def counted(X, y=None, grads=None):  # as the benchmarks sample memory around a model's loss
+        calls.append(len(X))
+        return averaging(X, y, grads=grads)
+
+    model.loss = counted
+    X = np.random.default_rng(0).standard_normal((2, 3, 4, 4))
+    expected = (inner.loss(X) + inner.loss(X[..., ::-1])) * 0.5
+    np.testing.assert_array_equal(model.loss(X), expected)
+    assert calls == [2] and inner.loss.__func__ is FullyConnectedNet.loss  # the inner model is untouched
+    del model.loss
+    np.testing.assert_array_equal(model.loss(X), expected)
+

@@ -35,7 +35,7 @@ REPO, cli, checkpoint, _env = _helpers.REPO, _helpers.cli, _helpers.checkpoint, 
 
 # 2 iterations per epoch, 2 epochs, float64, sgd_momentum (its velocity) and batchnorm (running statistics).
 RECIPE = ["--num-train", "200", "--batch-size", "100", "--epochs", "2", "--dtype", "float64", "--seed", "3", "--lr",
-          "1e-2", "--no-augment", "--warmup-epochs", "0", "--quiet"]
+          "1e-2", "--no-augment", "--warmup-epochs", "0", "--quiet", "--zca", "0", "--ema", "0", "--no-test-flips"]
 TINY = [*RECIPE, "--hidden-dims", "16"]
 
 

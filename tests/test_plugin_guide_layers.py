@@ -40,7 +40,8 @@ CLI_LAYERS = "affine:units=64,resmlp_prelu,resmlp_center,resmlp_block:expansion=
 # which `layers` replaces.
 SMALL = ["--num-train", "1000", "--batch-size", "100", "--dtype", "float64", "--seed", "3", "--lr", "2e-3",
          "--lr-decay", "0.9", "--update-rule", "adam", "--lr-schedule", "exponential", "--warmup-epochs", "0",
-         "--weight-decay", "0", "--label-smoothing", "0", "--no-augment", "--reg", "1e-4"]
+         "--weight-decay", "0", "--label-smoothing", "0", "--no-augment", "--reg", "1e-4", "--zca", "0", "--ema", "0",
+         "--no-test-flips"]
 _LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "SLURM_", "HYDRA_", "DPNET_DISABLE_PLUGIN")
 _SCRUBBED = ("DPNET_FAULT_INJECT", "DPNET_DATA_DIR", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -245,7 +246,7 @@ def test_trains_from_compact_layers_and_from_the_model_hook(venv, cifar10_dir, t
     """`--layers` in the guide's compact form, and `--model resmlp --model-option ...` (the plugin's dpnet_models
     factory), each train a run whose checkpoint has the plugin's parameters."""
     common = ["-m", "dpnet.train", "--data-dir", cifar10_dir, "--num-train", "500", "--batch-size", "100",
-              "--epochs", "1", "--quiet"]
+              "--epochs", "1", "--quiet", "--zca", "0"]
     layers = venv.ok(*common, "--layers", CLI_LAYERS, "--logdir", tmp_path / "layers", cwd=tmp_path)
     assert _accuracy(layers) > 0
     arrays, meta = load_checkpoint(tmp_path / "layers" / "last.npz")

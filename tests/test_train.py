@@ -30,7 +30,7 @@ _SCRUBBED = ("DPNET_FAULT_INJECT", "DPNET_DATA_DIR", "OMP_NUM_THREADS", "OPENBLA
 SMALL = ["--num-train", "1000", "--hidden-dims", "40", "30", "--batch-size", "100", "--epochs", "3",
          "--dtype", "float64", "--seed", "3", "--lr", "2e-3", "--lr-decay", "0.9", "--weight-scale", "0.01",
          "--update-rule", "adam", "--lr-schedule", "exponential", "--warmup-epochs", "0", "--weight-decay", "0",
-         "--label-smoothing", "0", "--no-augment", "--reg", "1e-4"]
+         "--label-smoothing", "0", "--no-augment", "--reg", "1e-4", "--zca", "0", "--ema", "0", "--no-test-flips"]
 ITERATIONS = 30
 # The accuracy recipe, on in the MPI runs: 2 processes must still compute what 1 does, and resume exactly.
 RECIPE = ["--augment", "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--weight-decay", "0.01",
@@ -325,7 +325,7 @@ def test_without_matplotlib_the_run_says_how_to_get_plots(cifar10_dir, dpnet_cac
     fake = tmp_path / "fake"
     (fake / "matplotlib").mkdir(parents=True)
     (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
-    result = run_ok("--num-train", "300", "--hidden-dims", "16", "--batch-size", "100", "--epochs", "1",
+    result = run_ok("--num-train", "300", "--hidden-dims", "16", "--batch-size", "100", "--epochs", "1", "--zca", "0",
                     "--data-dir", cifar10_dir, "--logdir", tmp_path / "logs", cwd=tmp_path, cache=dpnet_cache_dir,
                     PYTHONPATH=os.pathsep.join([str(fake), str(REPO)]))
     assert "pip install 'dpnet[plot]'" in result.stdout

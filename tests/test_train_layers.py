@@ -27,7 +27,8 @@ assert_same_state, printed_accuracy = _helpers.assert_same_state, _helpers.print
 # The small recipe of tests/test_train.py without its FullyConnectedNet flags: 10 iterations per epoch, float64.
 SMALL = ["--num-train", "1000", "--batch-size", "100", "--epochs", "3", "--dtype", "float64", "--seed", "3",
          "--lr", "2e-3", "--lr-decay", "0.9", "--lr-schedule", "exponential", "--warmup-epochs", "0",
-         "--weight-decay", "0", "--label-smoothing", "0", "--no-augment", "--reg", "1e-4"]
+         "--weight-decay", "0", "--label-smoothing", "0", "--no-augment", "--reg", "1e-4", "--zca", "0", "--ema", "0",
+         "--no-test-flips"]
 SPEC_TOML = ('layers = [{layer = "affine", units = 40}, "batchnorm", "relu", {layer = "dropout", keep = 0.8}, '
              '{layer = "affine", units = 10}]\nupdate-rule = "adam"\n\n[optim]\nbeta2 = 0.99\n')
 SPEC = [{"layer": "affine", "units": 40}, "batchnorm", "relu", {"layer": "dropout", "keep": 0.8},
@@ -354,6 +355,7 @@ def test_a_rule_that_is_not_elementwise_is_replicated_and_gives_what_one_process
     install("whole_rule")
     env = dict(PYTHONPATH=os.pathsep.join([str(site), str(REPO)]))
     args = ["--update-rule", "fx_clipped_momentum", "--lr", "0.05", "--num-train", "600", "--batch-size", "100",
+            "--zca", "0",
             "--epochs", "2", "--hidden-dims", "20", "--normalization", "none", "--dtype", "float64", "--seed", "3",
             "--data-dir", cifar10_dir, "--quiet"]
     runs = {}

@@ -115,7 +115,7 @@ def test_a_plugin_model_without_soft_targets_is_refused_with_mixing():
         def loss(self, X, y=None):
             raise AssertionError("never called")
 
-    config = {**train.DEFAULTS, "mixup": 0.2}
+    config = {**train.DEFAULTS, "mixup": 0.2, "test_flips": False}
     original = train._build_model
     try:
         train._build_model = lambda config: Plain()

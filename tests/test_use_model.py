@@ -23,7 +23,7 @@ from dpnet.loading import CIFAR10_CLASSES, ModelLoadError, load_model, preproces
 
 DATA_FLAGS = ["--num-train", "1000", "--batch-size", "100", "--epochs", "3", "--seed", "3", "--lr", "2e-3",
               "--update-rule", "adam", "--lr-schedule", "exponential", "--warmup-epochs", "0", "--weight-decay", "0",
-              "--label-smoothing", "0", "--no-augment"]
+              "--label-smoothing", "0", "--no-augment", "--zca", "0", "--ema", "0", "--no-test-flips"]
 SEQ_SPEC = [{"layer": "affine", "units": 48}, "layernorm", "relu", {"layer": "dropout", "keep": 0.9},
             {"layer": "affine", "units": 32}, "batchnorm", "relu", {"layer": "affine", "units": 10}]
 

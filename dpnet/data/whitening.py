@@ -2,8 +2,9 @@
 
 The ZCA matrix of the mean-subtracted training images X (N, D), pixels scaled to [0, 1], is
 Z = U diag(1 / sqrt(s + epsilon)) U^T with U diag(s) U^T = X^T X / N; `epsilon` keeps the faint directions (mostly
-noise) from being blown up. Multiplying by Z makes the pixels uncorrelated while keeping each image looking like
-itself (ZCA is the whitening closest to the identity), so crops and flips still make sense on whitened images.
+noise) from being blown up, and directions with no variance at all (fewer images than pixels) are dropped.
+Multiplying by Z makes the pixels uncorrelated while keeping each image looking like itself (ZCA is the whitening
+closest to the identity), so crops and flips still make sense on whitened images.
 `zca_matrix` then scales Z so that the whitened images keep the raw ones' overall variance (the recipe's learning
 rate and weight decay need no retuning) and returns it for images in their own units (0-255, mean subtracted):
 whitened rows are (images - mean_image).reshape(N, D) @ Z.
@@ -42,7 +43,10 @@ def zca_matrix(images, epsilon, scale=255.0):
         covariance /= n
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
         eigenvalues = np.maximum(eigenvalues, 0)
-        zca = (eigenvectors / np.sqrt(eigenvalues + epsilon)) @ eigenvectors.T
+        # Directions the training images do not span (fewer images than pixels) are dropped, not scaled by
+        # 1 / sqrt(epsilon): other images' components along them were never seen in training.
+        spanned = eigenvalues > eigenvalues.max(initial=0) * 1e-10
+        zca = np.where(spanned, eigenvectors / np.sqrt(eigenvalues + epsilon), 0.0) @ eigenvectors.T
         # Total variance before, trace(C), and after whitening, trace(Z C Z) = sum(s / (s + eps)): keep it (images
         # that do not vary at all, such as a single one, have none to keep).
         after = np.sum(eigenvalues / (eigenvalues + epsilon))
@@ -102,7 +106,7 @@ def cached_zca_matrix(images, epsilon):
     raw = getattr(images, "raw", None)
     if raw is None:
         return zca_matrix(images, epsilon)
-    digest = hashlib.sha256(f"zca-1 {epsilon!r} {raw.shape}".encode())
+    digest = hashlib.sha256(f"zca-2 {epsilon!r} {raw.shape}".encode())
     digest.update(np.ascontiguousarray(raw).data)
     digest.update(np.ascontiguousarray(images.mean_image, dtype=np.float64).data)
     path = cache_dir() / f"zca-{digest.hexdigest()[:24]}.npy"
