@@ -77,10 +77,7 @@ def read_member(archive, member, path, key, shape=None, dtype=None, limit=None):
         raise fail_check(path, f"{key} holds {member.file_size} bytes, more than this run's {key} needs ({limit})")
     try:
         with archive.open(member) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            found_shape, fortran, found_dtype = read_header(f, max_header_size=HEADER_LIMIT)
+            found_shape, fortran, found_dtype = _read_header(f)
             if found_dtype.hasobject or found_dtype.fields is not None:
                 raise fail_check(path, f"{key} has the dtype {found_dtype}, which dpnet never writes")
             if shape is not None and tuple(found_shape) != tuple(shape):
@@ -260,15 +257,19 @@ def _check_whitening(archive, members, path, solver):
                               f"{scale:.3g}): other images than its run's, or another --zca")
 
 
+def _read_header(f):
+    """(shape, fortran_order, dtype) of the .npy file open as f, read from its header alone (at most HEADER_LIMIT)."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(f, max_header_size=HEADER_LIMIT)
+
+
 # ----------------------------------------------------------------------------------------------- against a Solver
 def _header(archive, member, path, key):
     """(shape, dtype) from an .npy member's header alone."""
     try:
         with archive.open(member) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read_header(f, max_header_size=HEADER_LIMIT)
+            shape, _, dtype = _read_header(f)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise fail_check(path, f"{key}: {exc}") from None
     return tuple(shape), dtype
